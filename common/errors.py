@@ -1,0 +1,71 @@
+"""Domain exceptions and the one table that maps them to gRPC status codes.
+
+Every message names the offending value and, where there is one, the way out. Services
+translate these to `grpc.StatusCode` through `STATUS_CODES`; anything else is a bug and
+leaves as INTERNAL without its stack trace (see edge_node/ and server/ interceptors).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class FedRetrieveError(Exception):
+    """Base of every error an operator or a node is meant to read."""
+
+
+class ConfigError(FedRetrieveError):
+    """A config file, model spec or command-line value is invalid."""
+
+
+class DatasetError(FedRetrieveError):
+    """An annotation file or image is missing or malformed (names file and line)."""
+
+
+class InvalidQuery(FedRetrieveError):
+    """A search request is malformed: empty text, bad k, wrong vector size, bad filter."""
+
+
+class UnknownModel(FedRetrieveError):
+    """A model spec names no config, directory or reachable hub id."""
+
+
+class AdapterMismatch(FedRetrieveError):
+    """An adapter's keys, shapes, dtypes, values or base model do not fit the model."""
+
+
+class NotFound(FedRetrieveError):
+    """A named object (image id, node id) does not exist."""
+
+
+class GalleryNotReady(FedRetrieveError):
+    """The node cannot answer yet (no index built, model loading)."""
+
+
+class NotAuthorized(FedRetrieveError):
+    """Missing or wrong credentials."""
+
+
+class Unavailable(FedRetrieveError):
+    """A peer cannot be reached or did not answer in time."""
+
+
+STATUS_CODES: dict[type[FedRetrieveError], grpc.StatusCode] = {
+    ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    DatasetError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidQuery: grpc.StatusCode.INVALID_ARGUMENT,
+    AdapterMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    UnknownModel: grpc.StatusCode.NOT_FOUND,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    GalleryNotReady: grpc.StatusCode.FAILED_PRECONDITION,
+    NotAuthorized: grpc.StatusCode.UNAUTHENTICATED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code_for(err: BaseException) -> grpc.StatusCode:
+    """The gRPC status for `err`: the nearest mapped base class, INTERNAL otherwise."""
+    for cls in type(err).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return grpc.StatusCode.INTERNAL
