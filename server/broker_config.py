@@ -1,0 +1,249 @@
+"""The broker's configuration: one frozen object, loaded from one TOML file, checked up front.
+
+TOML keys are kebab-case (Flower's convention), attributes snake_case; the conversion and
+the rejection of unknown keys happen in `load_broker_config` only. Every field is
+documented in `server/broker.example.toml`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # JetPack 6 ships Python 3.10
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for one side of a TLS connection. Relative paths are resolved by the loader.
+
+    Server side (the broker's listener): `cert` + `key`, and `ca` to require client
+    certificates signed by it (mTLS). Client side (broker -> node): `ca` to verify the
+    node, `cert` + `key` to present a client certificate, `server-name` to override the
+    name checked against the node's certificate.
+    """
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("tls: `cert` and `key` must be given together")
+        for name in ("cert", "key", "ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"tls: `{name}` file {path} does not exist")
+
+    def read(self, name: str) -> bytes | None:
+        path = getattr(self, name)
+        return Path(path).read_bytes() if path is not None else None
+
+
+@dataclass(frozen=True)
+class NodeEntry:
+    """One edge node the broker fans out to."""
+
+    id: str
+    address: str  # host:port
+    token: str | None = None  # bearer token the node expects, sent on every call
+    tls: TlsFiles | None = None  # None: plaintext (loopback, lab networks)
+
+    def __post_init__(self) -> None:
+        if not self.id or not self.id.strip():
+            raise ConfigError("nodes: every node needs a non-empty `id`")
+        if ":" not in self.address:
+            raise ConfigError(f"nodes.{self.id}: `address` must be host:port, got {self.address!r}")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Everything `fedretrieve broker serve` needs; validated before a port is bound."""
+
+    nodes: tuple[NodeEntry, ...]
+    listen: str = "127.0.0.1:50070"
+    metrics_port: int | None = None  # Prometheus /metrics on its own port; 0: any free port
+    model: str | None = None  # spec for common.factory.create_model; None: nodes encode text
+    adapter: str | None = None  # global adapter dir merged into `model`
+    operator_tokens: tuple[str, ...] = ()  # bearer tokens operators present
+    allow_unauthenticated: bool = False  # must be set explicitly to run without tokens
+    tls: TlsFiles | None = None  # listener TLS; `tls.ca` makes it mTLS
+    default_k: int = 20
+    max_k: int = 200
+    max_text_chars: int = 1000
+    default_deadline_ms: int = 2000
+    max_deadline_ms: int = 30000
+    merge_margin_ms: int = 20  # kept back from every node call for merging and replying
+    health_interval_s: float = 5.0
+    health_timeout_s: float = 1.0
+    keepalive_time_ms: int = 10000
+    keepalive_timeout_ms: int = 5000
+    retry_max_attempts: int = 3  # retries happen on UNAVAILABLE only, inside the deadline
+    workers: int = 16  # threads serving operator calls
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            raise ConfigError("`nodes` is empty: the broker needs at least one [[nodes]] entry")
+        ids = [node.id for node in self.nodes]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ConfigError(f"nodes: duplicate node id(s) {duplicates}")
+        if ":" not in self.listen:
+            raise ConfigError(f"`listen` must be host:port, got {self.listen!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"`metrics-port` must be 0..65535, got {self.metrics_port}")
+        if self.adapter is not None and self.model is None:
+            raise ConfigError("`adapter` is set but `model` is not: an adapter needs its base")
+        if not self.operator_tokens and not self.allow_unauthenticated:
+            raise ConfigError(
+                "no `operator-tokens`: give at least one, or set "
+                "`allow-unauthenticated = true` to run an open broker (loopback/tests only)"
+            )
+        if any(not token for token in self.operator_tokens):
+            raise ConfigError("`operator-tokens` holds an empty token")
+        positive = (
+            "default_k",
+            "max_k",
+            "max_text_chars",
+            "default_deadline_ms",
+            "max_deadline_ms",
+            "health_interval_s",
+            "health_timeout_s",
+            "keepalive_time_ms",
+            "keepalive_timeout_ms",
+            "retry_max_attempts",
+            "workers",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"`{_kebab(name)}` must be positive, got {getattr(self, name)}")
+        if self.merge_margin_ms < 0:
+            raise ConfigError(f"`merge-margin-ms` must be >= 0, got {self.merge_margin_ms}")
+        if self.default_k > self.max_k:
+            raise ConfigError(f"`default-k` ({self.default_k}) exceeds `max-k` ({self.max_k})")
+        if self.default_deadline_ms > self.max_deadline_ms:
+            raise ConfigError(
+                f"`default-deadline-ms` ({self.default_deadline_ms}) exceeds "
+                f"`max-deadline-ms` ({self.max_deadline_ms})"
+            )
+        if self.merge_margin_ms >= self.default_deadline_ms:
+            raise ConfigError(
+                f"`merge-margin-ms` ({self.merge_margin_ms}) leaves no time for nodes within "
+                f"`default-deadline-ms` ({self.default_deadline_ms})"
+            )
+        if self.tls is not None and self.tls.cert is None:
+            raise ConfigError("[tls] for the listener needs `cert` and `key`")
+        if self.retry_max_attempts > 5:
+            raise ConfigError("`retry-max-attempts` above 5 is refused by gRPC; use 1..5")
+
+    def node(self, node_id: str) -> NodeEntry:
+        for node in self.nodes:
+            if node.id == node_id:
+                return node
+        raise KeyError(node_id)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _snake_keys(table: dict[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
+    """kebab-case TOML keys -> snake_case kwargs; unknown keys are rejected by name."""
+    out: dict[str, Any] = {}
+    unknown = []
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in allowed:
+            unknown.append(key)
+        out[name] = value
+    if unknown:
+        known = ", ".join(sorted(_kebab(a) for a in allowed))
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known keys: {known}")
+    return out
+
+
+def _resolve(path: Any, base: Path, where: str) -> Path:
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{where} must be a non-empty path string, got {path!r}")
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _tls_from(table: Any, base: Path, where: str) -> TlsFiles:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    kwargs = _snake_keys(table, {f.name for f in fields(TlsFiles)}, where)
+    for name in ("cert", "key", "ca"):
+        if name in kwargs:
+            kwargs[name] = _resolve(kwargs[name], base, f"{where}.{name}")
+    return TlsFiles(**kwargs)
+
+
+def _read_secret(path: Path, where: str) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot read {path}: {err}") from err
+
+
+def _node_from(table: Any, base: Path, index: int) -> NodeEntry:
+    where = f"nodes[{index}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table ([[nodes]])")
+    allowed = {f.name for f in fields(NodeEntry)} | {"token_file"}
+    kwargs = _snake_keys(table, allowed, where)
+    if "token_file" in kwargs:
+        if "token" in kwargs:
+            raise ConfigError(f"{where}: give `token` or `token-file`, not both")
+        path = _resolve(kwargs.pop("token_file"), base, f"{where}.token-file")
+        kwargs["token"] = _read_secret(path, where)
+    if "tls" in kwargs:
+        kwargs["tls"] = _tls_from(kwargs["tls"], base, f"{where}.tls")
+    for name in ("id", "address"):
+        if name not in kwargs:
+            raise ConfigError(f"{where}: missing `{name}`")
+    return NodeEntry(**kwargs)
+
+
+def broker_config_from_dict(data: dict[str, Any], base_dir: Path | str = ".") -> BrokerConfig:
+    """Build a config from parsed TOML; relative paths are taken from `base_dir`."""
+    base = Path(base_dir)
+    allowed = {f.name for f in fields(BrokerConfig)} | {"operator_tokens_file"}
+    kwargs = _snake_keys(dict(data), allowed, "broker config")
+    nodes = kwargs.pop("nodes", None)
+    if not isinstance(nodes, list):
+        raise ConfigError("broker config: needs one or more [[nodes]] tables")
+    kwargs["nodes"] = tuple(_node_from(table, base, i) for i, table in enumerate(nodes))
+    tokens = list(kwargs.pop("operator_tokens", []))
+    if "operator_tokens_file" in kwargs:
+        path = _resolve(kwargs.pop("operator_tokens_file"), base, "operator-tokens-file")
+        tokens += [t for t in _read_secret(path, "operator-tokens-file").splitlines() if t.strip()]
+    kwargs["operator_tokens"] = tuple(t.strip() for t in tokens)
+    if "tls" in kwargs:
+        kwargs["tls"] = _tls_from(kwargs["tls"], base, "tls")
+    if "adapter" in kwargs and kwargs["adapter"] is not None:
+        kwargs["adapter"] = str(_resolve(kwargs["adapter"], base, "adapter"))
+    try:
+        return BrokerConfig(**kwargs)
+    except TypeError as err:  # a value of the wrong TOML type reaching a comparison
+        raise ConfigError(f"broker config: {err}") from err
+
+
+def load_broker_config(path: Path | str) -> BrokerConfig:
+    """Read and validate a broker TOML file; every problem is a ConfigError naming it."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read broker config {path}: {err}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"broker config {path} is not valid TOML: {err}") from err
+    return broker_config_from_dict(data, base_dir=path.parent)

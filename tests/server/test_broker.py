@@ -1,0 +1,273 @@
+"""BrokerService over real gRPC on loopback, with scripted nodes for hangs, failures, versions."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from broker_fixtures import ScriptedNode, broker_config, closed_port_address, elapsed_ms
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import broker_pb2, retrieval_pb2
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def request(text="a woman in a red jacket", k=5, **kwargs) -> broker_pb2.BrokerSearchRequest:
+    return broker_pb2.BrokerSearchRequest(text=text, k=k, **kwargs)
+
+
+def outcome(response, node_id):
+    return next(o for o in response.coverage.nodes if o.node_id == node_id)
+
+
+def test_merges_by_score_rekeys_hits_and_reports_full_coverage(scripted_nodes, start_broker):
+    a, b = scripted_nodes(
+        ScriptedNode("a", [(1, 0.9), (2, 0.4)]),
+        ScriptedNode("b", [(1, 0.8), (7, 0.5)], gallery_size=50),
+    )
+    handle = start_broker(broker_config({"a": a.address, "b": b.address}))
+    response = handle.stub.Search(request(k=3), metadata=handle.auth("q-123"), timeout=10)
+    assert [(h.node_id, h.image_id) for h in response.hits] == [("a", 1), ("b", 1), ("b", 7)]
+    assert [round(h.score, 4) for h in response.hits] == [0.9, 0.8, 0.5]
+    assert response.merge == "score"
+    assert response.query_id == "q-123"
+    cov = response.coverage
+    assert (cov.nodes_total, cov.nodes_answered, cov.full) == (2, 2, True)
+    assert (cov.vectors_searched, cov.vectors_total) == (150, 150)
+    assert list(cov.degraded) == []
+    # the query id travels in the request and as metadata; each node gets its own token
+    sent, metadata = a.servicer.calls[0]
+    assert sent.query_id == "q-123" and metadata["x-query-id"] == "q-123"
+    assert metadata["authorization"] == "Bearer token-a"
+    assert b.servicer.calls[0][1]["authorization"] == "Bearer token-b"
+    assert sent.k == 3 and sent.text == "a woman in a red jacket"
+
+
+def test_hanging_node_is_timed_out_and_the_answer_arrives_within_deadline(
+    scripted_nodes, start_broker
+):
+    fast, hung = scripted_nodes(
+        ScriptedNode("fast", [(1, 0.9)]), ScriptedNode("hung", [(2, 0.99)], delay_s=30)
+    )
+    handle = start_broker(broker_config({"fast": fast.address, "hung": hung.address}))
+    handle.stub.Search(request(node_ids=["fast"]), metadata=handle.auth(), timeout=10)  # warm up
+    deadline_ms = 300
+    t0 = time.perf_counter()
+    response = handle.stub.Search(
+        request(deadline_ms=deadline_ms), metadata=handle.auth(), timeout=10
+    )
+    took = elapsed_ms(t0)
+    assert took < deadline_ms + 100, f"answer took {took:.0f} ms for a {deadline_ms} ms deadline"
+    assert [(h.node_id, h.image_id) for h in response.hits] == [("fast", 1)]
+    late = outcome(response, "hung")
+    assert late.state == "timed_out" and late.grpc_status in {"DEADLINE_EXCEEDED", "CANCELLED"}
+    assert response.coverage.nodes_timed_out == 1 and not response.coverage.full
+    assert "timeout" in response.coverage.degraded
+    assert late.gallery_size == 0  # never heard from: nothing known
+
+
+def test_callers_own_shorter_grpc_deadline_caps_the_query(scripted_nodes, start_broker):
+    fast, hung = scripted_nodes(
+        ScriptedNode("fast", [(1, 0.9)]), ScriptedNode("hung", [(2, 0.9)], delay_s=30)
+    )
+    handle = start_broker(broker_config({"fast": fast.address, "hung": hung.address}))
+    t0 = time.perf_counter()
+    response = handle.stub.Search(request(deadline_ms=5000), metadata=handle.auth(), timeout=0.5)
+    assert elapsed_ms(t0) < 600
+    assert outcome(response, "hung").state == "timed_out"
+
+
+def test_down_node_is_failed_with_its_status_and_results_are_partial(scripted_nodes, start_broker):
+    (up,) = scripted_nodes(ScriptedNode("up", [(3, 0.7)]))
+    handle = start_broker(broker_config({"up": up.address, "down": closed_port_address()}))
+    response = handle.stub.Search(request(), metadata=handle.auth(), timeout=10)
+    down = outcome(response, "down")
+    assert down.state == "failed" and down.grpc_status == "UNAVAILABLE"
+    assert down.message  # gRPC's reason, e.g. connection refused
+    assert response.coverage.nodes_failed == 1 and "node_failure" in response.coverage.degraded
+    assert [h.node_id for h in response.hits] == ["up"]
+
+
+def test_require_full_coverage_turns_a_partial_answer_into_an_error(scripted_nodes, start_broker):
+    (up,) = scripted_nodes(ScriptedNode("up", [(3, 0.7)]))
+    handle = start_broker(broker_config({"up": up.address, "down": closed_port_address()}))
+    with pytest.raises(grpc.RpcError) as err:
+        handle.stub.Search(request(require_full_coverage=True), metadata=handle.auth(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (
+        "1/2 nodes answered" in err.value.details()
+        and "down failed UNAVAILABLE" in err.value.details()
+    )
+
+
+def test_all_nodes_down_is_an_error_that_says_so(start_broker):
+    handle = start_broker(broker_config({"x": closed_port_address(), "y": closed_port_address()}))
+    with pytest.raises(grpc.RpcError) as err:
+        handle.stub.Search(request(), metadata=handle.auth(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no node answered" in err.value.details()
+    assert "x failed UNAVAILABLE" in err.value.details() and "y failed" in err.value.details()
+
+
+def test_broker_embeds_once_and_a_node_on_another_version_forces_rrf(
+    tiny_model, scripted_nodes, start_broker
+):
+    same, other = scripted_nodes(
+        ScriptedNode("same", [(1, 0.30), (2, 0.20)], model_version=tiny_model.version),
+        ScriptedNode("other", [(5, 0.95), (6, 0.90)], model_version="tiny@someotheradapter"),
+    )
+    handle = start_broker(
+        broker_config({"same": same.address, "other": other.address}), encoder=tiny_model
+    )
+    response = handle.stub.Search(request(k=4), metadata=handle.auth(), timeout=10)
+    sent = same.servicer.calls[0][0]
+    assert sent.vector.model_version == tiny_model.version
+    assert len(sent.vector.values) == tiny_model.embed_dim
+    assert sent.text  # the text goes too, for nodes on another version
+    assert outcome(response, "same").used_vector and not outcome(response, "other").used_vector
+    assert response.merge == "rrf" and "mixed_model_versions" in response.coverage.degraded
+    assert response.model_version == tiny_model.version
+    # rank fusion interleaves by rank: each list's first hit ties at 1/61 (node id breaks it)
+    assert [(h.node_id, h.image_id) for h in response.hits] == [
+        ("other", 5),
+        ("same", 1),
+        ("other", 6),
+        ("same", 2),
+    ]
+    assert response.hits[0].score == pytest.approx(1 / 61)
+    assert {h.model_version for h in response.hits} == {tiny_model.version, "tiny@someotheradapter"}
+
+
+def test_auth_refused_without_or_with_a_wrong_token_but_health_is_open(
+    scripted_nodes, start_broker
+):
+    (a,) = scripted_nodes(ScriptedNode("a", [(1, 0.5)]))
+    handle = start_broker(broker_config({"a": a.address}))
+    for metadata in (
+        None,
+        [("authorization", "Bearer nope")],
+        [("authorization", "operator-secret")],
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            handle.stub.Search(request(), metadata=metadata, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "operator token" in err.value.details()
+    assert a.servicer.calls == []  # refused before any fan-out
+    reply = health_pb2_grpc.HealthStub(handle.channel).Check(
+        health_pb2.HealthCheckRequest(service="")
+    )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"text": "   "}, "`text` is empty"),
+        ({"text": "x" * 1001}, "1001 characters"),
+        ({"k": 0}, "`k` must be between 1 and 200"),
+        ({"k": -3}, "got -3"),
+        ({"k": 201}, "got 201"),
+        ({"deadline_ms": -1}, "`deadline_ms`"),
+        ({"deadline_ms": 60_000}, "`deadline_ms`"),
+        ({"deadline_ms": 10}, "merge margin"),
+        ({"node_ids": ["a", "nope"]}, "unknown node id(s) ['nope']"),
+        (
+            {
+                "filters": retrieval_pb2.Filters(
+                    time_range=retrieval_pb2.TimeRange(since_ms=20, until_ms=10)
+                )
+            },
+            "after until",
+        ),
+        (
+            {"filters": retrieval_pb2.Filters(time_range=retrieval_pb2.TimeRange(since_ms=-5))},
+            ">= 0",
+        ),
+        ({"filters": retrieval_pb2.Filters(camera_ids=[""])}, "empty camera id"),
+    ],
+)
+def test_bad_inputs_are_rejected_with_clear_messages(kwargs, needle, scripted_nodes, start_broker):
+    (a,) = scripted_nodes(ScriptedNode("a", [(1, 0.5)]))
+    handle = start_broker(broker_config({"a": a.address}))
+    base = {"text": "red jacket", "k": 5}
+    base.update(kwargs)
+    with pytest.raises(grpc.RpcError) as err:
+        handle.stub.Search(
+            broker_pb2.BrokerSearchRequest(**base), metadata=handle.auth(), timeout=10
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in err.value.details()
+    assert a.servicer.calls == []
+
+
+def test_node_selection_and_filters_are_forwarded(scripted_nodes, start_broker):
+    a, b = scripted_nodes(ScriptedNode("a", [(1, 0.5)]), ScriptedNode("b", [(2, 0.6)]))
+    handle = start_broker(broker_config({"a": a.address, "b": b.address}))
+    filters = retrieval_pb2.Filters(
+        camera_ids=["cam-1"], time_range=retrieval_pb2.TimeRange(since_ms=5, until_ms=9)
+    )
+    response = handle.stub.Search(
+        request(node_ids=["b"], filters=filters), metadata=handle.auth(), timeout=10
+    )
+    assert a.servicer.calls == [] and response.coverage.nodes_total == 1
+    assert b.servicer.calls[0][0].filters == filters
+
+
+def test_thumbnail_is_proxied_and_node_errors_keep_their_status(scripted_nodes, start_broker):
+    (a,) = scripted_nodes(ScriptedNode("a", [(4, 0.5)]))
+    handle = start_broker(broker_config({"a": a.address}))
+    thumb = handle.stub.GetThumbnail(
+        broker_pb2.BrokerThumbnailRequest(node_id="a", image_id=4),
+        metadata=handle.auth(),
+        timeout=10,
+    )
+    assert thumb.jpeg[:2] == b"\xff\xd8" and thumb.camera_id == "cam-a"
+    with pytest.raises(grpc.RpcError) as err:
+        handle.stub.GetThumbnail(
+            broker_pb2.BrokerThumbnailRequest(node_id="a", image_id=99), metadata=handle.auth()
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "node a" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        handle.stub.GetThumbnail(
+            broker_pb2.BrokerThumbnailRequest(node_id="zz", image_id=1), metadata=handle.auth()
+        )
+    assert (
+        err.value.code() == grpc.StatusCode.NOT_FOUND
+        and "unknown node id 'zz'" in err.value.details()
+    )
+
+
+def test_status_reports_health_checks_and_metrics_count_queries(scripted_nodes, start_broker):
+    (a,) = scripted_nodes(ScriptedNode("a", [(1, 0.5)], gallery_size=42))
+    handle = start_broker(broker_config({"a": a.address, "down": closed_port_address()}))
+    handle.broker.registry.check_all()
+    status = handle.stub.Status(
+        broker_pb2.BrokerStatusRequest(), metadata=handle.auth(), timeout=10
+    )
+    nodes = {n.node_id: n for n in status.nodes}
+    assert nodes["a"].healthy and nodes["a"].state == "SERVING" and nodes["a"].gallery_size == 42
+    assert (
+        not nodes["down"].healthy
+        and nodes["down"].state == "UNAVAILABLE"
+        and nodes["down"].last_error
+    )
+    assert nodes["a"].last_check_age_s >= 0
+    handle.stub.Search(request(), metadata=handle.auth(), timeout=10)
+    registry = handle.broker.metrics.registry
+    assert (
+        registry.get_sample_value("fedretrieve_broker_query_seconds_count", {"merge": "score"}) == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "fedretrieve_broker_node_errors_total", {"node": "down", "code": "UNAVAILABLE"}
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "fedretrieve_broker_node_outcomes_total", {"node": "a", "state": "ok"}
+        )
+        == 1
+    )
