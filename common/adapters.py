@@ -1,0 +1,145 @@
+"""Adapter directories: PEFT's own format plus our manifest, written atomically.
+
+`adapter_config.json` + `adapter_model.safetensors` are what `PeftModel.from_pretrained`
+reads; `fedretrieve_adapter.json` records which base model the adapter belongs to (name and
+weights fingerprint), the federated round and the peft version, nanoGPT-style, so a node
+refuses an adapter made for another base instead of serving garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import peft
+from peft import PeftModel
+
+from common.errors import AdapterMismatch
+from common.model import DualEncoder
+
+MANIFEST_FILE = "fedretrieve_adapter.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class AdapterManifest:
+    base_name: str
+    base_fingerprint: str
+    base_version: str
+    adapter_fingerprint: str
+    peft_version: str
+    round: int | None = None
+    lora: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def model_version(self) -> str:
+        """The version string nodes and broker compare: base plus adapter weights."""
+        return f"{self.base_version}+{self.adapter_fingerprint[:10]}"
+
+    @property
+    def adapter_version(self) -> str:
+        return self.adapter_fingerprint[:10]
+
+
+def save_adapter(
+    peft_model: PeftModel,
+    out_dir: str | Path,
+    *,
+    round: int | None = None,
+    extra: dict | None = None,
+) -> AdapterManifest:
+    """Write the adapter into `out_dir` so that it appears whole or not at all.
+
+    Everything is written into a temporary sibling directory, fsynced, then renamed into
+    place; a watcher that sees `out_dir` therefore always sees a complete adapter.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base: DualEncoder = peft_model.get_base_model()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        peft_model.save_pretrained(tmp)
+        digest = hashlib.sha256((tmp / WEIGHTS_FILE).read_bytes()).hexdigest()
+        settings = getattr(peft_model, "fedretrieve_lora", None)
+        manifest = AdapterManifest(
+            base_name=base.name,
+            base_fingerprint=base.fingerprint,
+            base_version=base.version,
+            adapter_fingerprint=digest,
+            peft_version=peft.__version__,
+            round=round,
+            lora=settings.to_dict() if settings else {},
+            extra=dict(extra or {}),
+        )
+        (tmp / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True))
+        for path in tmp.iterdir():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def read_manifest(adapter_dir: str | Path) -> AdapterManifest:
+    path = Path(adapter_dir)
+    for name in (PEFT_CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE):
+        if not (path / name).is_file():
+            raise AdapterMismatch(f"{path} is not a fedretrieve adapter: {name} is missing")
+    try:
+        data = json.loads((path / MANIFEST_FILE).read_text())
+        return AdapterManifest(**data)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise AdapterMismatch(f"{path / MANIFEST_FILE}: unreadable manifest ({err})") from err
+
+
+def load_adapter(
+    model: DualEncoder, adapter_dir: str | Path, *, trainable: bool = False
+) -> PeftModel:
+    """Attach the adapter in `adapter_dir` to `model`, refusing one made for another base."""
+    path = Path(adapter_dir)
+    manifest = read_manifest(path)
+    if manifest.base_fingerprint != model.fingerprint:
+        raise AdapterMismatch(
+            f"adapter {path} was trained on base {manifest.base_version!r}; this model is "
+            f"{model.version!r} (load the matching base model or retrain the adapter)"
+        )
+    digest = hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()
+    if digest != manifest.adapter_fingerprint:
+        raise AdapterMismatch(
+            f"adapter {path}: weights do not match the manifest checksum "
+            "(partially copied or modified after saving)"
+        )
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise AdapterMismatch(
+            f"adapter {path} does not fit model {model.version!r}: {err}"
+        ) from err
+    from common.lora import LoraSettings, check_adapter_state, get_adapter_state
+
+    state = get_adapter_state(peft_model)
+    check_adapter_state(state, state, where=str(path))  # finite values
+    if manifest.lora:
+        peft_model.fedretrieve_lora = LoraSettings.from_spec(manifest.lora)
+    peft_model.fedretrieve_manifest = manifest
+    return peft_model
