@@ -100,7 +100,7 @@ class ReindexProgress(_message.Message):
     def __init__(self, running: _Optional[bool] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., target_version: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "gallery_size", "index_version", "model_version", "adapter_version", "backend", "reindex", "rejected_images", "index_type", "embed_dim", "backend_note")
+    __slots__ = ("node_id", "gallery_size", "index_version", "model_version", "adapter_version", "backend", "reindex", "rejected_images", "index_type", "embed_dim", "backend_note", "indexed_size")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GALLERY_SIZE_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class StatusResponse(_message.Message):
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     EMBED_DIM_FIELD_NUMBER: _ClassVar[int]
     BACKEND_NOTE_FIELD_NUMBER: _ClassVar[int]
+    INDEXED_SIZE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     gallery_size: int
     index_version: str
@@ -123,4 +124,5 @@ class StatusResponse(_message.Message):
     index_type: str
     embed_dim: int
     backend_note: str
-    def __init__(self, node_id: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., adapter_version: _Optional[str] = ..., backend: _Optional[str] = ..., reindex: _Optional[_Union[ReindexProgress, _Mapping]] = ..., rejected_images: _Optional[int] = ..., index_type: _Optional[str] = ..., embed_dim: _Optional[int] = ..., backend_note: _Optional[str] = ...) -> None: ...
+    indexed_size: int
+    def __init__(self, node_id: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., adapter_version: _Optional[str] = ..., backend: _Optional[str] = ..., reindex: _Optional[_Union[ReindexProgress, _Mapping]] = ..., rejected_images: _Optional[int] = ..., index_type: _Optional[str] = ..., embed_dim: _Optional[int] = ..., backend_note: _Optional[str] = ..., indexed_size: _Optional[int] = ...) -> None: ...
