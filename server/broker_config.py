@@ -1,23 +1,18 @@
 """The broker's configuration: one frozen object, loaded from one TOML file, checked up front.
 
-TOML keys are kebab-case (Flower's convention), attributes snake_case; the conversion and
-the rejection of unknown keys happen in `load_broker_config` only. Every field is
-documented in `server/broker.example.toml`.
+TOML keys are kebab-case (Flower's convention), attributes snake_case; reading, the
+conversion, type checks and the rejection of unknown keys are `common.config`'s, shared
+by every process. Every field is documented in `server/broker.example.toml`.
 """
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.config import from_dict, load_toml
 from common.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # JetPack 6 ships Python 3.10
-    import tomli as tomllib
 
 
 @dataclass(frozen=True)
@@ -155,95 +150,69 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _snake_keys(table: dict[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
-    """kebab-case TOML keys -> snake_case kwargs; unknown keys are rejected by name."""
-    out: dict[str, Any] = {}
-    unknown = []
-    for key, value in table.items():
-        name = key.replace("-", "_")
-        if name not in allowed:
-            unknown.append(key)
-        out[name] = value
-    if unknown:
-        known = ", ".join(sorted(_kebab(a) for a in allowed))
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known keys: {known}")
-    return out
-
-
-def _resolve(path: Any, base: Path, where: str) -> Path:
+def _resolve(path: Any, base: Path, where: str) -> str:
     if not isinstance(path, str) or not path:
         raise ConfigError(f"{where} must be a non-empty path string, got {path!r}")
     p = Path(path).expanduser()
-    return p if p.is_absolute() else (base / p)
+    return str(p if p.is_absolute() else (base / p))
 
 
-def _tls_from(table: Any, base: Path, where: str) -> TlsFiles:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table")
-    kwargs = _snake_keys(table, {f.name for f in fields(TlsFiles)}, where)
-    for name in ("cert", "key", "ca"):
-        if name in kwargs:
-            kwargs[name] = _resolve(kwargs[name], base, f"{where}.{name}")
-    return TlsFiles(**kwargs)
-
-
-def _read_secret(path: Path, where: str) -> str:
+def _read_secret(path: str, where: str) -> str:
     try:
-        return path.read_text().strip()
+        return Path(path).read_text().strip()
     except OSError as err:
         raise ConfigError(f"{where}: cannot read {path}: {err}") from err
 
 
-def _node_from(table: Any, base: Path, index: int) -> NodeEntry:
+def _resolve_tls(table: Any, base: Path, where: str) -> Any:
+    if isinstance(table, dict):
+        for name in ("cert", "key", "ca"):
+            if name in table:
+                table[name] = _resolve(table[name], base, f"{where}.{name}")
+    return table
+
+
+def _prepare_node(table: Any, base: Path, index: int) -> Any:
+    """Resolve a node's relative paths and read its `token-file`."""
     where = f"nodes[{index}]"
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table ([[nodes]])")
-    allowed = {f.name for f in fields(NodeEntry)} | {"token_file"}
-    kwargs = _snake_keys(table, allowed, where)
-    if "token_file" in kwargs:
-        if "token" in kwargs:
+    if "token_file" in table:
+        if "token" in table:
             raise ConfigError(f"{where}: give `token` or `token-file`, not both")
-        path = _resolve(kwargs.pop("token_file"), base, f"{where}.token-file")
-        kwargs["token"] = _read_secret(path, where)
-    if "tls" in kwargs:
-        kwargs["tls"] = _tls_from(kwargs["tls"], base, f"{where}.tls")
-    for name in ("id", "address"):
-        if name not in kwargs:
-            raise ConfigError(f"{where}: missing `{name}`")
-    return NodeEntry(**kwargs)
+        path = _resolve(table.pop("token_file"), base, f"{where}.token-file")
+        table["token"] = _read_secret(path, f"{where}.token-file")
+    if "tls" in table:
+        table["tls"] = _resolve_tls(table["tls"], base, f"{where}.tls")
+    return table
 
 
 def broker_config_from_dict(data: dict[str, Any], base_dir: Path | str = ".") -> BrokerConfig:
-    """Build a config from parsed TOML; relative paths are taken from `base_dir`."""
+    """Build a config from parsed TOML (snake_case keys); relative paths from `base_dir`."""
     base = Path(base_dir)
-    allowed = {f.name for f in fields(BrokerConfig)} | {"operator_tokens_file"}
-    kwargs = _snake_keys(dict(data), allowed, "broker config")
-    nodes = kwargs.pop("nodes", None)
-    if not isinstance(nodes, list):
+    data = dict(data)
+    nodes = data.get("nodes")
+    if not isinstance(nodes, list) or not nodes:
         raise ConfigError("broker config: needs one or more [[nodes]] tables")
-    kwargs["nodes"] = tuple(_node_from(table, base, i) for i, table in enumerate(nodes))
-    tokens = list(kwargs.pop("operator_tokens", []))
-    if "operator_tokens_file" in kwargs:
-        path = _resolve(kwargs.pop("operator_tokens_file"), base, "operator-tokens-file")
-        tokens += [t for t in _read_secret(path, "operator-tokens-file").splitlines() if t.strip()]
-    kwargs["operator_tokens"] = tuple(t.strip() for t in tokens)
-    if "tls" in kwargs:
-        kwargs["tls"] = _tls_from(kwargs["tls"], base, "tls")
-    if "adapter" in kwargs and kwargs["adapter"] is not None:
-        kwargs["adapter"] = str(_resolve(kwargs["adapter"], base, "adapter"))
-    try:
-        return BrokerConfig(**kwargs)
-    except TypeError as err:  # a value of the wrong TOML type reaching a comparison
-        raise ConfigError(f"broker config: {err}") from err
+    data["nodes"] = [
+        _prepare_node(dict(t) if isinstance(t, dict) else t, base, i) for i, t in enumerate(nodes)
+    ]
+    if "operator_tokens_file" in data:
+        path = _resolve(data.pop("operator_tokens_file"), base, "operator-tokens-file")
+        extra = [t.strip() for t in _read_secret(path, "operator-tokens-file").splitlines()]
+        data["operator_tokens"] = [*data.get("operator_tokens", []), *(t for t in extra if t)]
+    if "tls" in data:
+        data["tls"] = _resolve_tls(dict(data["tls"]), base, "tls")
+    if data.get("adapter"):
+        data["adapter"] = _resolve(data["adapter"], base, "adapter")
+    return from_dict(BrokerConfig, data, "broker config")
 
 
 def load_broker_config(path: Path | str) -> BrokerConfig:
     """Read and validate a broker TOML file; every problem is a ConfigError naming it."""
     path = Path(path)
+    data = load_toml(path)
     try:
-        data = tomllib.loads(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"cannot read broker config {path}: {err}") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"broker config {path} is not valid TOML: {err}") from err
-    return broker_config_from_dict(data, base_dir=path.parent)
+        return broker_config_from_dict(data, base_dir=path.parent)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
