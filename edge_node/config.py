@@ -1,0 +1,275 @@
+"""The node daemon's configuration: one frozen dataclass tree loaded from one TOML file.
+
+Why its own module: the daemon must refuse a bad file *before* it binds a port or touches
+the gallery, with a message naming the key (`[limits] max-k: must be >= 1, got 0`). TOML
+keys are kebab-case (Flower's convention), attributes snake_case; `load_node_config` is the
+only place that converts them, and it rejects unknown keys by name so a typo never turns
+into a silently ignored setting. Every field is documented in `edge_node/node.example.toml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # JetPack 6 ships Python 3.10
+    import tomli as tomllib
+
+INDEX_TYPES = ("flat", "hnsw", "ivf")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "cuda")
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _require(cond: bool, name: str, message: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {message}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How the gallery vectors are indexed (`[index]`)."""
+
+    type: str = "flat"  # flat: exact; hnsw/ivf: approximate, for galleries of ~100k and up
+    hnsw_m: int = 32  # HNSW graph degree
+    hnsw_ef_search: int = 64  # HNSW search breadth (recall vs latency)
+    ivf_nlist: int = 256  # IVF cells; trained once enough vectors exist
+    ivf_nprobe: int = 16  # IVF cells visited per query
+    embed_batch_size: int = 32  # images per forward pass in the background embedder
+    save_interval_s: float = 30.0  # persist the index at most this often (and at shutdown)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.type in INDEX_TYPES, "[index] type", f"must be one of {INDEX_TYPES}", self.type
+        )
+        for name in ("hnsw_m", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe", "embed_batch_size"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and value >= 1,
+                f"[index] {_kebab(name)}",
+                "must be an integer >= 1",
+                value,
+            )
+        _require(
+            self.save_interval_s >= 0,
+            "[index] save-interval-s",
+            "must be >= 0",
+            self.save_interval_s,
+        )
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Who may call the node (`[auth]`). An empty token disables token checks (tests, labs)."""
+
+    token: str = ""  # bearer token expected in `authorization: Bearer <token>`
+    token_file: str = ""  # or read it from this file (preferred: keeps it out of the config)
+    tls_cert: str = ""  # server certificate (PEM); with tls_key enables TLS
+    tls_key: str = ""
+    tls_client_ca: str = ""  # CA bundle; when set, clients must present a certificate (mTLS)
+
+    def __post_init__(self) -> None:
+        _require(
+            not (self.token and self.token_file), "[auth] token/token-file", "set only one", "both"
+        )
+        _require(
+            bool(self.tls_cert) == bool(self.tls_key),
+            "[auth] tls-cert/tls-key",
+            "set both or neither",
+            (self.tls_cert, self.tls_key),
+        )
+        _require(
+            not self.tls_client_ca or bool(self.tls_cert),
+            "[auth] tls-client-ca",
+            "needs tls-cert and tls-key",
+            self.tls_client_ca,
+        )
+        for name in ("token_file", "tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            _require(
+                not value or Path(value).is_file(),
+                f"[auth] {_kebab(name)}",
+                "file does not exist",
+                value,
+            )
+
+    def resolved_token(self) -> str:
+        """The token in force: inline, or the first line of `token_file`."""
+        if self.token_file:
+            token = Path(self.token_file).read_text(encoding="utf-8").strip()
+            _require(bool(token), "[auth] token-file", "file is empty", self.token_file)
+            return token
+        return self.token
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a caller may ask for (`[limits]`); requests beyond them are refused."""
+
+    max_k: int = 100
+    max_query_chars: int = 512
+    max_image_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 16_000_000  # width * height; guards against decompression bombs
+    max_ingest_batch: int = 256  # images per Ingest call
+    thumbnail_max_side: int = 256  # default and upper bound of GetThumbnail's max_side
+    grpc_workers: int = 8  # concurrent RPCs
+    max_message_mb: int = 64  # gRPC receive limit (Ingest carries images)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _require(
+                isinstance(value, int) and value >= 1,
+                f"[limits] {_kebab(f.name)}",
+                "must be an integer >= 1",
+                value,
+            )
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything one node daemon needs; see `edge_node/node.example.toml` for each key."""
+
+    node_id: str
+    data_dir: Path
+    listen: str = "127.0.0.1:50051"
+    model: str = "default"  # config name, model directory, or "hf:<id>" (common.factory)
+    adapter_dir: Path | None = None  # watched for new adapters (hot swap); None: base model only
+    adapter_poll_s: float = 5.0
+    backend: str = "torch"
+    device: str = "cpu"
+    torch_threads: int = 0  # 0: leave torch's default
+    drop_dir: Path | None = None  # folder a detector pipeline writes crops into
+    drop_poll_s: float = 2.0
+    drop_settle_s: float = 1.0  # a dropped file must be this old before it is read
+    metrics_listen: str = ""  # "host:port" for Prometheus /metrics; "" disables
+    grace_s: float = 10.0  # SIGTERM: time in-flight calls get to finish
+    log_format: str = "text"  # "text" (key=value) or "json" (one object a line)
+    index: IndexSettings = field(default_factory=IndexSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.node_id, str) and bool(_NODE_ID.match(self.node_id)),
+            "node-id",
+            "must be 1-64 of [A-Za-z0-9_.-]",
+            self.node_id,
+        )
+        _require(_is_host_port(self.listen), "listen", "must be host:port", self.listen)
+        _require(
+            not self.metrics_listen or _is_host_port(self.metrics_listen),
+            "metrics-listen",
+            "must be host:port or empty",
+            self.metrics_listen,
+        )
+        _require(bool(str(self.model).strip()), "model", "must not be empty", self.model)
+        _require(
+            self.log_format in ("text", "json"),
+            "log-format",
+            "must be text or json",
+            self.log_format,
+        )
+        _require(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}", self.backend)
+        _require(self.torch_threads >= 0, "torch-threads", "must be >= 0", self.torch_threads)
+        for name in ("adapter_poll_s", "drop_poll_s"):
+            _require(getattr(self, name) > 0, _kebab(name), "must be > 0", getattr(self, name))
+        for name in ("drop_settle_s", "grace_s"):
+            _require(getattr(self, name) >= 0, _kebab(name), "must be >= 0", getattr(self, name))
+        if self.adapter_dir is not None and self.adapter_dir.exists():
+            _require(
+                self.adapter_dir.is_dir(),
+                "adapter-dir",
+                "must be a directory",
+                str(self.adapter_dir),
+            )
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _is_host_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 <= int(port) < 65536)
+
+
+_SECTIONS = {"index": IndexSettings, "auth": AuthSettings, "limits": Limits}
+_PATHS = {"data_dir", "adapter_dir", "drop_dir"}
+
+
+def _build(cls: type, table: dict[str, Any], where: str, base: Path) -> Any:
+    """Turn one TOML table into `cls`, converting kebab-case keys and naming unknown ones."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    unknown = []
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            unknown.append(key)
+            continue
+        if name in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key}: must be a table [{key}]")
+            kwargs[name] = _build(_SECTIONS[name], value, f"[{key}] ", base)
+        elif name in _PATHS or name in {"token_file", "tls_cert", "tls_key", "tls_client_ca"}:
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}{key}: must be a path string, got {value!r}")
+            if name in _PATHS:
+                kwargs[name] = (base / value).resolve() if value else None
+            else:
+                kwargs[name] = str((base / value).resolve()) if value else ""
+        else:
+            kwargs[name] = _typed(value, str(known[name].type), f"{where}{key}")
+    if unknown:
+        valid = ", ".join(_kebab(n) for n in known)
+        raise ConfigError(
+            f"{where}unknown key(s) {', '.join(sorted(unknown))}; valid keys: {valid}"
+        )
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required key is missing
+        raise ConfigError(f"{where}{err}") from err
+
+
+def _typed(value: Any, expected: str, where: str) -> Any:
+    """Check a scalar against the field's annotation; TOML ints are accepted as floats."""
+    if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, float),
+        "bool": isinstance(value, bool),
+    }.get(expected, True)
+    if not ok:
+        raise ConfigError(f"{where}: must be {expected}, got {value!r}")
+    return value
+
+
+def node_config_from_dict(table: dict[str, Any], base_dir: Path | str = ".") -> NodeConfig:
+    """Build a NodeConfig from a parsed TOML table; relative paths resolve against `base_dir`."""
+    for required in ("node-id", "data-dir"):
+        if required not in table:
+            raise ConfigError(f"{required}: required key is missing")
+    return _build(NodeConfig, table, "", Path(base_dir))
+
+
+def load_node_config(path: Path | str) -> NodeConfig:
+    """Read and validate a node TOML file (relative paths are relative to the file)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            table = tomllib.load(fh)
+    except FileNotFoundError as err:
+        raise ConfigError(f"node config {path} does not exist") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"node config {path} is not valid TOML: {err}") from err
+    return node_config_from_dict(table, path.resolve().parent)
