@@ -35,6 +35,7 @@ class ScriptedNode(node_pb2_grpc.NodeServiceServicer):
     model_version: str = "v1"
     delay_s: float = 0.0  # > 0: the node "hangs" this long before answering
     gallery_size: int = 100
+    no_thumbnail: set[int] = field(default_factory=set)  # listed by Search, no thumbnail
     calls: list[tuple[node_pb2.SearchRequest, dict[str, str]]] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
 
@@ -64,7 +65,7 @@ class ScriptedNode(node_pb2_grpc.NodeServiceServicer):
         return response
 
     def GetThumbnail(self, request, context):
-        if request.image_id not in {i for i, _ in self.hits}:
+        if request.image_id not in {i for i, _ in self.hits} - self.no_thumbnail:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no image {request.image_id}")
         buf = io.BytesIO()
         Image.new("RGB", (32, 64), (200, 30, 30)).save(buf, format="JPEG")

@@ -72,16 +72,20 @@ def test_no_tokens_needs_an_explicit_open_broker(tmp_path):
     text = MINIMAL.replace('operator-tokens = ["t"]', "")
     with pytest.raises(ConfigError, match="allow-unauthenticated"):
         load_broker_config(write(tmp_path, text))
-    opened = text.replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:0"\nallow-unauthenticated = true')
+    opened = text.replace(
+        'listen = "127.0.0.1:0"', 'listen = "127.0.0.1:0"\nallow-unauthenticated = true'
+    )
     assert load_broker_config(write(tmp_path, opened)).operator_tokens == ()
 
 
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_broker_config(tmp_path / "nope.toml")
-    text = MINIMAL.replace('address = "127.0.0.1:1"', 'address = "127.0.0.1:1"\ntoken-file = "missing.token"')
-    with pytest.raises(ConfigError, match="missing.token"):
+    text = MINIMAL.replace(
+        'address = "127.0.0.1:1"', 'address = "127.0.0.1:1"\ntoken-file = "missing.token"'
+    )
+    with pytest.raises(ConfigError, match=r"missing\.token"):
         load_broker_config(write(tmp_path, text))
     text = MINIMAL + '[tls]\ncert = "c.pem"\nkey = "k.pem"\n'
-    with pytest.raises(ConfigError, match="c.pem"):
+    with pytest.raises(ConfigError, match=r"c\.pem"):
         load_broker_config(write(tmp_path, text))

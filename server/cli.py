@@ -1,0 +1,180 @@
+"""Server-side commands: `broker serve`, the operator's `query`, and `fl` (federated training).
+
+Heavy imports (grpc stubs, PIL, the model) happen inside handlers so `fedretrieve --help`
+stays fast. Operator mistakes and broker refusals leave as FedRetrieveError subclasses,
+which `sims.cli.main` prints as one line, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from common.errors import ConfigError, InvalidQuery
+
+DEFAULT_BROKER = "127.0.0.1:50070"
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    register_broker(subparsers)
+    register_query(subparsers)
+    register_fl(subparsers)
+
+
+# ---------------------------------------------------------------- broker serve
+def register_broker(subparsers: argparse._SubParsersAction) -> None:
+    broker = subparsers.add_parser("broker", help="the query broker (BrokerService)")
+    sub = broker.add_subparsers(dest="broker_command", metavar="SUBCOMMAND", required=True)
+    serve = sub.add_parser("serve", help="run the broker until SIGTERM")
+    serve.add_argument(
+        "--config", required=True, help="broker TOML (see server/broker.example.toml)"
+    )
+    serve.set_defaults(func=run_broker_serve)
+
+
+def run_broker_serve(args: argparse.Namespace) -> int:
+    from server.broker_config import load_broker_config
+    from server.broker_daemon import serve
+
+    return serve(load_broker_config(args.config))
+
+
+# ---------------------------------------------------------------- query
+def register_query(subparsers: argparse._SubParsersAction) -> None:
+    q = subparsers.add_parser(
+        "query",
+        help="ask the whole camera network a question through the broker",
+        description="Search every node through the broker; prints the ranked hits and coverage.",
+    )
+    q.add_argument("text", help='the description, e.g. "a woman in a red jacket and black cap"')
+    q.add_argument(
+        "--broker",
+        default=os.environ.get("FEDRETRIEVE_BROKER", DEFAULT_BROKER),
+        help="broker host:port (env FEDRETRIEVE_BROKER; default %(default)s)",
+    )
+    q.add_argument("-k", type=int, default=20, help="hits to return (default %(default)s)")
+    q.add_argument("--nodes", action="append", default=[], help="only these node ids (comma list)")
+    q.add_argument("--cameras", action="append", default=[], help="only these camera ids")
+    q.add_argument("--since", help="ISO time (2024-05-01T08:00, local if no zone), epoch ms, or 2h")
+    q.add_argument("--until", help="same forms as --since; `2h` means two hours ago")
+    q.add_argument("--deadline-ms", type=int, default=0, help="query deadline (0: broker's)")
+    q.add_argument("--require-full-coverage", action="store_true", help="fail if a node is missing")
+    q.add_argument("--token", help="operator token (env FEDRETRIEVE_TOKEN; prefer --token-file)")
+    q.add_argument("--token-file", help="file holding the operator token")
+    q.add_argument("--tls-ca", help="CA that signed the broker's certificate (enables TLS)")
+    q.add_argument("--tls-cert", help="client certificate for mTLS")
+    q.add_argument("--tls-key", help="client key for mTLS")
+    q.add_argument("--json", action="store_true", help="print the full response as JSON")
+    q.add_argument("--csv", metavar="OUT", help="write the results file (image names + scores)")
+    q.add_argument(
+        "--sheet", metavar="OUT.png", help="write a contact sheet of the hits' thumbnails"
+    )
+    q.add_argument("--connect-timeout", type=float, default=5.0, help=argparse.SUPPRESS)
+    q.set_defaults(func=run_query)
+
+
+def parse_time(value: str | None, *, flag: str, now: datetime | None = None) -> int:
+    """Epoch milliseconds from an ISO time, epoch ms, or `<n><s|m|h|d|w>` ago; 0 for None."""
+    if value is None:
+        return 0
+    text = value.strip()
+    now = now or datetime.now(timezone.utc)
+    if text.isdigit():
+        return int(text)
+    match = _RELATIVE.match(text)
+    if match:
+        ago = timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+        return int((now - ago).timestamp() * 1000)
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as err:
+        raise InvalidQuery(
+            f"{flag} {value!r} is not a time: use ISO 8601 (2024-05-01T08:30), epoch ms, "
+            "or an age such as 30m, 2h, 3d"
+        ) from err
+    if when.tzinfo is None:
+        when = when.astimezone()  # naive means the operator's local time
+    return int(when.timestamp() * 1000)
+
+
+def _split(values: list[str]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def build_request(args: argparse.Namespace):
+    """Validate the operator's arguments locally (clear messages before any network)."""
+    from protos import broker_pb2, retrieval_pb2
+
+    text = args.text.strip()
+    if not text:
+        raise InvalidQuery("the query text is empty: describe the person to look for")
+    if args.k <= 0:
+        raise InvalidQuery(f"-k must be positive, got {args.k}")
+    if args.deadline_ms < 0:
+        raise InvalidQuery(f"--deadline-ms must be >= 0, got {args.deadline_ms}")
+    since = parse_time(args.since, flag="--since")
+    until = parse_time(args.until, flag="--until")
+    if since and until and since > until:
+        raise InvalidQuery(f"bad time range: --since {args.since} is after --until {args.until}")
+    filters = retrieval_pb2.Filters(
+        camera_ids=_split(args.cameras),
+        time_range=retrieval_pb2.TimeRange(since_ms=since, until_ms=until),
+    )
+    return broker_pb2.BrokerSearchRequest(
+        text=text,
+        k=args.k,
+        deadline_ms=args.deadline_ms,
+        node_ids=_split(args.nodes),
+        filters=filters,
+        require_full_coverage=args.require_full_coverage,
+    )
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        try:
+            return Path(args.token_file).read_text().strip()
+        except OSError as err:
+            raise ConfigError(f"--token-file {args.token_file}: {err.strerror}") from err
+    return args.token or os.environ.get("FEDRETRIEVE_TOKEN")
+
+
+def run_query(args: argparse.Namespace) -> int:
+    from server.query_client import BrokerClient
+    from server.query_output import print_json, print_table, write_contact_sheet, write_results_csv
+
+    request = build_request(args)
+    tls = (args.tls_ca, args.tls_cert, args.tls_key)
+    with BrokerClient(
+        args.broker, token=_token(args), tls=tls, connect_timeout=args.connect_timeout
+    ) as client:
+        response = client.search(request)
+        if args.json:
+            print_json(response)
+        else:
+            print_table(response)
+        # notes go to stderr so `--json` output stays machine-readable
+        if args.csv:
+            write_results_csv(response, request.text, args.csv)
+            print(f"results file: {args.csv}", file=sys.stderr)
+        if args.sheet:
+            missing = write_contact_sheet(response, client, args.sheet)
+            note = (
+                f" ({len(missing)} thumbnails unavailable: {'; '.join(missing)})" if missing else ""
+            )
+            print(f"contact sheet: {args.sheet}{note}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- fl (federated training)
+def register_fl(subparsers: argparse._SubParsersAction) -> None:
+    """`fedretrieve fl ...`: owned by the federated-training issue (server_app/strategies).
+
+    Add the `fl` subcommands here; keep their heavy imports inside their handlers.
+    """

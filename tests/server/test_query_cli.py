@@ -1,0 +1,150 @@
+"""`fedretrieve query` end to end: real broker and scripted nodes on loopback."""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import datetime, timezone
+
+import pytest
+from broker_fixtures import OPERATOR_TOKEN, ScriptedNode, broker_config, closed_port_address
+from PIL import Image
+
+from common.errors import InvalidQuery
+from server.cli import parse_time
+from sims.cli import main
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def broker_addr(scripted_nodes, start_broker, tmp_path):
+    a, b = scripted_nodes(
+        ScriptedNode("node-a", [(1, 0.91), (2, 0.40)]),
+        ScriptedNode("node-b", [(7, 0.85), (8, 0.10)]),
+    )
+    handle = start_broker(broker_config({"node-a": a.address, "node-b": b.address}))
+    (tmp_path / "token").write_text(OPERATOR_TOKEN + "\n")
+    return handle.address
+
+
+def query(addr, tmp_path, *extra):
+    return main(
+        [
+            "query",
+            "a man with a blue backpack",
+            "--broker",
+            addr,
+            "--token-file",
+            str(tmp_path / "token"),
+            *extra,
+        ]
+    )
+
+
+def test_table_lists_ranked_hits_and_the_coverage_line(broker_addr, tmp_path, capsys):
+    assert query(broker_addr, tmp_path, "-k", "3") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:6] == ["rank", "score", "node", "camera", "time", "image"]
+    assert out[1].split()[:4] == ["1", "0.9100", "node-a", "cam-node-a"]
+    assert out[2].split()[:3] == ["2", "0.8500", "node-b"]
+    assert out[3].split()[:3] == ["3", "0.4000", "node-a"]
+    assert out[4].startswith("coverage: 2/2 nodes answered;") and "merge=score" in out[4]
+
+
+def test_json_prints_the_full_response(broker_addr, tmp_path, capsys):
+    assert query(broker_addr, tmp_path, "-k", "2", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [h["imageId"] for h in data["hits"]] == ["1", "7"]  # int64 as JSON strings
+    assert data["coverage"]["nodesAnswered"] == 2 and data["merge"] == "score"
+    assert {n["nodeId"] for n in data["coverage"]["nodes"]} == {"node-a", "node-b"}
+
+
+def test_csv_is_the_results_file_and_sheet_is_a_png(broker_addr, tmp_path, capsys):
+    out_csv, out_png = tmp_path / "res" / "results.csv", tmp_path / "sheet.png"
+    assert (
+        query(broker_addr, tmp_path, "-k", "4", "--csv", str(out_csv), "--sheet", str(out_png)) == 0
+    )
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [r["image"] for r in rows] == [
+        "node-a_1.jpg",
+        "node-b_7.jpg",
+        "node-a_2.jpg",
+        "node-b_8.jpg",
+    ]
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4"] and rows[0]["score"] == "0.910000"
+    assert rows[0]["query"] == "a man with a blue backpack" and rows[0]["node_id"] == "node-a"
+    sheet = Image.open(out_png)
+    assert sheet.format == "PNG" and sheet.width > 4 * 128 and sheet.height > 128
+    # the first tile holds the node's red thumbnail, not the grey "unavailable" tile
+    r, g, _ = sheet.getpixel((8 + 64, 8 + 64))
+    assert r > 150 and g < 90
+    assert "contact sheet:" in capsys.readouterr().err
+
+
+def test_missing_thumbnail_is_drawn_grey_and_reported(
+    scripted_nodes, start_broker, tmp_path, capsys
+):
+    (a,) = scripted_nodes(ScriptedNode("a", [(1, 0.5), (2, 0.4)], no_thumbnail={2}))
+    handle = start_broker(broker_config({"a": a.address}))
+    (tmp_path / "token").write_text(OPERATOR_TOKEN)
+    assert query(handle.address, tmp_path, "--sheet", str(tmp_path / "s.png")) == 0
+    err = capsys.readouterr().err
+    assert "1 thumbnails unavailable: a/2" in err and "NOT_FOUND" not in err.split("a/2")[0]
+    sheet = Image.open(tmp_path / "s.png")
+    assert sheet.getpixel((8 + 128 + 8 + 2, 8 + 2)) == (200, 200, 200)  # second tile: grey
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["query", "   "], "query text is empty"),
+        (["query", "red", "--since", "2024-05-02", "--until", "2024-05-01"], "bad time range"),
+        (["query", "red", "--since", "yesterday-ish"], "is not a time"),
+        (["query", "red", "-k", "0"], "-k must be positive"),
+    ],
+)
+def test_bad_operator_input_is_one_clear_line(args, needle, capsys):
+    assert main([*args, "--broker", closed_port_address()]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_unreachable_broker(capsys):
+    code = main(
+        [
+            "query",
+            "red",
+            "--broker",
+            closed_port_address(),
+            "--token",
+            "x",
+            "--connect-timeout",
+            "0.5",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the broker" in err and "Traceback" not in err
+
+
+def test_refused_token_and_missing_token(broker_addr, capsys):
+    assert main(["query", "red", "--broker", broker_addr, "--token", "wrong"]) == 2
+    assert "refused the operator token (check the token)" in capsys.readouterr().err
+    assert main(["query", "red", "--broker", broker_addr]) == 2
+    assert "--token-file" in capsys.readouterr().err
+
+
+def test_broker_side_rejection_is_reported(broker_addr, tmp_path, capsys):
+    assert query(broker_addr, tmp_path, "--nodes", "node-a,ghost") == 2
+    assert "unknown node id(s) ['ghost']" in capsys.readouterr().err
+
+
+def test_parse_time_forms():
+    now = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+    assert parse_time(None, flag="--since") == 0
+    assert parse_time("1714564800000", flag="--since") == 1714564800000
+    assert parse_time("2h", flag="--since", now=now) == int(now.timestamp() * 1000) - 7_200_000
+    assert parse_time("2024-05-01T12:00:00Z", flag="--since") == int(now.timestamp() * 1000)
+    with pytest.raises(InvalidQuery, match="--until"):
+        parse_time("soon", flag="--until")
