@@ -178,3 +178,14 @@ def lora_parameter_count(peft_model: PeftModel) -> int:
 
 def trainable_parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adapter_digest(state: Mapping[str, torch.Tensor], keys: list[str] | None = None) -> str:
+    """SHA-256 over the named tensors (sorted by key): proves two nodes share, e.g., FFA's A."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(keys if keys is not None else state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
