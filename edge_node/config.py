@@ -2,26 +2,22 @@
 
 Why its own module: the daemon must refuse a bad file *before* it binds a port or touches
 the gallery, with a message naming the key (`[limits] max-k: must be >= 1, got 0`). TOML
-keys are kebab-case (Flower's convention), attributes snake_case; `load_node_config` is the
-only place that converts them, and it rejects unknown keys by name so a typo never turns
-into a silently ignored setting. Every field is documented in `edge_node/node.example.toml`.
+keys are kebab-case (Flower's convention), attributes snake_case; the project's one loader
+(`common.config`) converts them and rejects unknown keys by name, so a typo never turns
+into a silently ignored setting. This module adds the node's checks and resolves relative
+paths against the config file's folder. Every field is documented in `edge_node/node.example.toml`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.config import from_dict, load_toml, snake_keys
 from common.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # JetPack 6 ships Python 3.10
-    import tomli as tomllib
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "cuda")
@@ -157,6 +153,11 @@ class NodeConfig:
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
+        for name in ("data_dir", "adapter_dir", "drop_dir"):  # accept str from Python callers
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, Path(value) if value else None)
+        _require(self.data_dir is not None, "data-dir", "must be set", self.data_dir)
         _require(
             isinstance(self.node_id, str) and bool(_NODE_ID.match(self.node_id)),
             "node-id",
@@ -201,75 +202,36 @@ def _is_host_port(value: str) -> bool:
     return bool(sep and host and port.isdigit() and 0 <= int(port) < 65536)
 
 
-_SECTIONS = {"index": IndexSettings, "auth": AuthSettings, "limits": Limits}
-_PATHS = {"data_dir", "adapter_dir", "drop_dir"}
+_PATHS = ("data_dir", "adapter_dir", "drop_dir")
+_AUTH_FILES = ("token_file", "tls_cert", "tls_key", "tls_client_ca")
 
 
-def _build(cls: type, table: dict[str, Any], where: str, base: Path) -> Any:
-    """Turn one TOML table into `cls`, converting kebab-case keys and naming unknown ones."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    unknown = []
-    for key, value in table.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            unknown.append(key)
-            continue
-        if name in _SECTIONS:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}{key}: must be a table [{key}]")
-            kwargs[name] = _build(_SECTIONS[name], value, f"[{key}] ", base)
-        elif name in _PATHS or name in {"token_file", "tls_cert", "tls_key", "tls_client_ca"}:
-            if not isinstance(value, str):
-                raise ConfigError(f"{where}{key}: must be a path string, got {value!r}")
-            if name in _PATHS:
-                kwargs[name] = (base / value).resolve() if value else None
-            else:
-                kwargs[name] = str((base / value).resolve()) if value else ""
-        else:
-            kwargs[name] = _typed(value, str(known[name].type), f"{where}{key}")
-    if unknown:
-        valid = ", ".join(_kebab(n) for n in known)
-        raise ConfigError(
-            f"{where}unknown key(s) {', '.join(sorted(unknown))}; valid keys: {valid}"
-        )
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # a required key is missing
-        raise ConfigError(f"{where}{err}") from err
-
-
-def _typed(value: Any, expected: str, where: str) -> Any:
-    """Check a scalar against the field's annotation; TOML ints are accepted as floats."""
-    if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    ok = {
-        "str": isinstance(value, str),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, float),
-        "bool": isinstance(value, bool),
-    }.get(expected, True)
-    if not ok:
-        raise ConfigError(f"{where}: must be {expected}, got {value!r}")
-    return value
+def _resolve(value: Any, base: Path, where: str) -> Any:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: must be a path string, got {value!r}")
+    return str((base / value).resolve()) if value else value
 
 
 def node_config_from_dict(table: dict[str, Any], base_dir: Path | str = ".") -> NodeConfig:
-    """Build a NodeConfig from a parsed TOML table; relative paths resolve against `base_dir`."""
-    for required in ("node-id", "data-dir"):
-        if required not in table:
-            raise ConfigError(f"{required}: required key is missing")
-    return _build(NodeConfig, table, "", Path(base_dir))
+    """Build a NodeConfig from a parsed TOML table (kebab- or snake-case keys); relative
+    paths resolve against `base_dir`, and an empty optional path means "not set"."""
+    data = snake_keys(table)
+    for required in ("node_id", "data_dir"):
+        if required not in data:
+            raise ConfigError(f"{_kebab(required)}: required key is missing")
+    base = Path(base_dir)
+    for name in _PATHS:
+        if name in data:
+            data[name] = _resolve(data[name], base, _kebab(name)) or None
+    auth = data.get("auth")
+    if isinstance(auth, dict):
+        for name in _AUTH_FILES:
+            if name in auth:
+                auth[name] = _resolve(auth[name], base, f"auth.{_kebab(name)}")
+    return from_dict(NodeConfig, data, "node config")
 
 
 def load_node_config(path: Path | str) -> NodeConfig:
     """Read and validate a node TOML file (relative paths are relative to the file)."""
     path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            table = tomllib.load(fh)
-    except FileNotFoundError as err:
-        raise ConfigError(f"node config {path} does not exist") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"node config {path} is not valid TOML: {err}") from err
-    return node_config_from_dict(table, path.resolve().parent)
+    return node_config_from_dict(load_toml(path), path.resolve().parent)

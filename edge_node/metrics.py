@@ -47,6 +47,7 @@ class NodeMetrics:
         self.version = Info("fedretrieve_node_index", "active model/index version", registry=r)
         self.version.info({"node_id": node_id, "model_version": "", "adapter_version": ""})
         self._http = None
+        self.port = 0  # bound /metrics port once `serve` ran
 
     def set_version(self, node_id: str, model_version: str, adapter_version: str) -> None:
         self.version.info(
@@ -60,9 +61,9 @@ class NodeMetrics:
         host, _, port = listen.rpartition(":")
         server, _thread = start_http_server(int(port), addr=host, registry=self.registry)
         self._http = server
-        bound = int(server.server_address[1])
-        log.info("metrics on http://%s:%d/metrics", host, bound)
-        return bound
+        self.port = int(server.server_address[1])
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+        return self.port
 
     def close(self) -> None:
         if self._http is not None:

@@ -174,4 +174,5 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             embed_dim=s.embed_dim,
             backend_note=s.backend_note,
             indexed_size=s.indexed,
+            camera_ids=self.node.gallery.cameras(),  # the broker routes camera filters by these
         )
