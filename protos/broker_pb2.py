@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import retrieval_pb2 as protos_dot_retrieval__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/broker.proto\x12\x0e\x66\x65\x64retrieve.v1\x1a\x16protos/retrieval.proto\"\x9e\x01\n\x13\x42rokerSearchRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\x05\x12\x10\n\x08node_ids\x18\x04 \x03(\t\x12(\n\x07\x66ilters\x18\x05 \x01(\x0b\x32\x17.fedretrieve.v1.Filters\x12\x1d\n\x15require_full_coverage\x18\x06 \x01(\x08\"\xb4\x01\n\x0bNodeOutcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bgrpc_status\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0f\n\x07took_ms\x18\x05 \x01(\x01\x12\x14\n\x0cgallery_size\x18\x06 \x01(\x03\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x13\n\x0bused_vector\x18\x08 \x01(\x08\x12\x0c\n\x04hits\x18\t \x01(\x05\"\xe3\x01\n\x08\x43overage\x12\x13\n\x0bnodes_total\x18\x01 \x01(\x05\x12\x16\n\x0enodes_answered\x18\x02 \x01(\x05\x12\x17\n\x0fnodes_timed_out\x18\x03 \x01(\x05\x12\x14\n\x0cnodes_failed\x18\x04 \x01(\x05\x12\x18\n\x10vectors_searched\x18\x05 \x01(\x03\x12\x15\n\rvectors_total\x18\x06 \x01(\x03\x12\x0c\n\x04\x66ull\x18\x07 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x08 \x03(\t\x12*\n\x05nodes\x18\t \x03(\x0b\x32\x1b.fedretrieve.v1.NodeOutcome\"\xae\x01\n\x14\x42rokerSearchResponse\x12!\n\x04hits\x18\x01 \x03(\x0b\x32\x13.fedretrieve.v1.Hit\x12*\n\x08\x63overage\x18\x02 \x01(\x0b\x32\x18.fedretrieve.v1.Coverage\x12\x10\n\x08query_id\x18\x03 \x01(\t\x12\r\n\x05merge\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0f\n\x07took_ms\x18\x06 \x01(\x01\"M\n\x16\x42rokerThumbnailRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\x03\x12\x10\n\x08max_side\x18\x03 \x01(\x05\"\x15\n\x13\x42rokerStatusRequest\"\xa9\x01\n\nNodeHealth\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\r\n\x05state\x18\x04 \x01(\t\x12\x18\n\x10last_check_age_s\x18\x05 \x01(\x01\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x14\n\x0cgallery_size\x18\x07 \x01(\x03\x12\x15\n\rmodel_version\x18\x08 \x01(\t\"X\n\x14\x42rokerStatusResponse\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.fedretrieve.v1.NodeHealth\x12\x15\n\rmodel_version\x18\x02 \x01(\t2\x94\x02\n\rBrokerService\x12S\n\x06Search\x12#.fedretrieve.v1.BrokerSearchRequest\x1a$.fedretrieve.v1.BrokerSearchResponse\x12Y\n\x0cGetThumbnail\x12&.fedretrieve.v1.BrokerThumbnailRequest\x1a!.fedretrieve.v1.ThumbnailResponse\x12S\n\x06Status\x12#.fedretrieve.v1.BrokerStatusRequest\x1a$.fedretrieve.v1.BrokerStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/broker.proto\x12\x0e\x66\x65\x64retrieve.v1\x1a\x16protos/retrieval.proto\"\x9e\x01\n\x13\x42rokerSearchRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\x05\x12\x10\n\x08node_ids\x18\x04 \x03(\t\x12(\n\x07\x66ilters\x18\x05 \x01(\x0b\x32\x17.fedretrieve.v1.Filters\x12\x1d\n\x15require_full_coverage\x18\x06 \x01(\x08\"\xb4\x01\n\x0bNodeOutcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bgrpc_status\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0f\n\x07took_ms\x18\x05 \x01(\x01\x12\x14\n\x0cgallery_size\x18\x06 \x01(\x03\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x13\n\x0bused_vector\x18\x08 \x01(\x08\x12\x0c\n\x04hits\x18\t \x01(\x05\"\xfa\x01\n\x08\x43overage\x12\x13\n\x0bnodes_total\x18\x01 \x01(\x05\x12\x16\n\x0enodes_answered\x18\x02 \x01(\x05\x12\x17\n\x0fnodes_timed_out\x18\x03 \x01(\x05\x12\x14\n\x0cnodes_failed\x18\x04 \x01(\x05\x12\x18\n\x10vectors_searched\x18\x05 \x01(\x03\x12\x15\n\rvectors_total\x18\x06 \x01(\x03\x12\x0c\n\x04\x66ull\x18\x07 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x08 \x03(\t\x12*\n\x05nodes\x18\t \x03(\x0b\x32\x1b.fedretrieve.v1.NodeOutcome\x12\x15\n\rnodes_skipped\x18\n \x01(\x05\"\xae\x01\n\x14\x42rokerSearchResponse\x12!\n\x04hits\x18\x01 \x03(\x0b\x32\x13.fedretrieve.v1.Hit\x12*\n\x08\x63overage\x18\x02 \x01(\x0b\x32\x18.fedretrieve.v1.Coverage\x12\x10\n\x08query_id\x18\x03 \x01(\t\x12\r\n\x05merge\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0f\n\x07took_ms\x18\x06 \x01(\x01\"M\n\x16\x42rokerThumbnailRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\x03\x12\x10\n\x08max_side\x18\x03 \x01(\x05\"\x15\n\x13\x42rokerStatusRequest\"\xbd\x01\n\nNodeHealth\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\r\n\x05state\x18\x04 \x01(\t\x12\x18\n\x10last_check_age_s\x18\x05 \x01(\x01\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x14\n\x0cgallery_size\x18\x07 \x01(\x03\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x12\n\ncamera_ids\x18\t \x03(\t\"X\n\x14\x42rokerStatusResponse\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.fedretrieve.v1.NodeHealth\x12\x15\n\rmodel_version\x18\x02 \x01(\t2\x94\x02\n\rBrokerService\x12S\n\x06Search\x12#.fedretrieve.v1.BrokerSearchRequest\x1a$.fedretrieve.v1.BrokerSearchResponse\x12Y\n\x0cGetThumbnail\x12&.fedretrieve.v1.BrokerThumbnailRequest\x1a!.fedretrieve.v1.ThumbnailResponse\x12S\n\x06Status\x12#.fedretrieve.v1.BrokerStatusRequest\x1a$.fedretrieve.v1.BrokerStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,17 +37,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODEOUTCOME']._serialized_start=225
   _globals['_NODEOUTCOME']._serialized_end=405
   _globals['_COVERAGE']._serialized_start=408
-  _globals['_COVERAGE']._serialized_end=635
-  _globals['_BROKERSEARCHRESPONSE']._serialized_start=638
-  _globals['_BROKERSEARCHRESPONSE']._serialized_end=812
-  _globals['_BROKERTHUMBNAILREQUEST']._serialized_start=814
-  _globals['_BROKERTHUMBNAILREQUEST']._serialized_end=891
-  _globals['_BROKERSTATUSREQUEST']._serialized_start=893
-  _globals['_BROKERSTATUSREQUEST']._serialized_end=914
-  _globals['_NODEHEALTH']._serialized_start=917
-  _globals['_NODEHEALTH']._serialized_end=1086
-  _globals['_BROKERSTATUSRESPONSE']._serialized_start=1088
-  _globals['_BROKERSTATUSRESPONSE']._serialized_end=1176
-  _globals['_BROKERSERVICE']._serialized_start=1179
-  _globals['_BROKERSERVICE']._serialized_end=1455
+  _globals['_COVERAGE']._serialized_end=658
+  _globals['_BROKERSEARCHRESPONSE']._serialized_start=661
+  _globals['_BROKERSEARCHRESPONSE']._serialized_end=835
+  _globals['_BROKERTHUMBNAILREQUEST']._serialized_start=837
+  _globals['_BROKERTHUMBNAILREQUEST']._serialized_end=914
+  _globals['_BROKERSTATUSREQUEST']._serialized_start=916
+  _globals['_BROKERSTATUSREQUEST']._serialized_end=937
+  _globals['_NODEHEALTH']._serialized_start=940
+  _globals['_NODEHEALTH']._serialized_end=1129
+  _globals['_BROKERSTATUSRESPONSE']._serialized_start=1131
+  _globals['_BROKERSTATUSRESPONSE']._serialized_end=1219
+  _globals['_BROKERSERVICE']._serialized_start=1222
+  _globals['_BROKERSERVICE']._serialized_end=1498
 # @@protoc_insertion_point(module_scope)

@@ -46,7 +46,7 @@ class NodeOutcome(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., state: _Optional[str] = ..., grpc_status: _Optional[str] = ..., message: _Optional[str] = ..., took_ms: _Optional[float] = ..., gallery_size: _Optional[int] = ..., model_version: _Optional[str] = ..., used_vector: _Optional[bool] = ..., hits: _Optional[int] = ...) -> None: ...
 
 class Coverage(_message.Message):
-    __slots__ = ("nodes_total", "nodes_answered", "nodes_timed_out", "nodes_failed", "vectors_searched", "vectors_total", "full", "degraded", "nodes")
+    __slots__ = ("nodes_total", "nodes_answered", "nodes_timed_out", "nodes_failed", "vectors_searched", "vectors_total", "full", "degraded", "nodes", "nodes_skipped")
     NODES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NODES_ANSWERED_FIELD_NUMBER: _ClassVar[int]
     NODES_TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class Coverage(_message.Message):
     FULL_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
+    NODES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     nodes_total: int
     nodes_answered: int
     nodes_timed_out: int
@@ -65,7 +66,8 @@ class Coverage(_message.Message):
     full: bool
     degraded: _containers.RepeatedScalarFieldContainer[str]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeOutcome]
-    def __init__(self, nodes_total: _Optional[int] = ..., nodes_answered: _Optional[int] = ..., nodes_timed_out: _Optional[int] = ..., nodes_failed: _Optional[int] = ..., vectors_searched: _Optional[int] = ..., vectors_total: _Optional[int] = ..., full: _Optional[bool] = ..., degraded: _Optional[_Iterable[str]] = ..., nodes: _Optional[_Iterable[_Union[NodeOutcome, _Mapping]]] = ...) -> None: ...
+    nodes_skipped: int
+    def __init__(self, nodes_total: _Optional[int] = ..., nodes_answered: _Optional[int] = ..., nodes_timed_out: _Optional[int] = ..., nodes_failed: _Optional[int] = ..., vectors_searched: _Optional[int] = ..., vectors_total: _Optional[int] = ..., full: _Optional[bool] = ..., degraded: _Optional[_Iterable[str]] = ..., nodes: _Optional[_Iterable[_Union[NodeOutcome, _Mapping]]] = ..., nodes_skipped: _Optional[int] = ...) -> None: ...
 
 class BrokerSearchResponse(_message.Message):
     __slots__ = ("hits", "coverage", "query_id", "merge", "model_version", "took_ms")
@@ -98,7 +100,7 @@ class BrokerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeHealth(_message.Message):
-    __slots__ = ("node_id", "address", "healthy", "state", "last_check_age_s", "last_error", "gallery_size", "model_version")
+    __slots__ = ("node_id", "address", "healthy", "state", "last_check_age_s", "last_error", "gallery_size", "model_version", "camera_ids")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +109,7 @@ class NodeHealth(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     GALLERY_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CAMERA_IDS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     healthy: bool
@@ -115,7 +118,8 @@ class NodeHealth(_message.Message):
     last_error: str
     gallery_size: int
     model_version: str
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., state: _Optional[str] = ..., last_check_age_s: _Optional[float] = ..., last_error: _Optional[str] = ..., gallery_size: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+    camera_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., state: _Optional[str] = ..., last_check_age_s: _Optional[float] = ..., last_error: _Optional[str] = ..., gallery_size: _Optional[int] = ..., model_version: _Optional[str] = ..., camera_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BrokerStatusResponse(_message.Message):
     __slots__ = ("nodes", "model_version")

@@ -100,7 +100,7 @@ class ReindexProgress(_message.Message):
     def __init__(self, running: _Optional[bool] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., target_version: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "gallery_size", "index_version", "model_version", "adapter_version", "backend", "reindex", "rejected_images", "index_type", "embed_dim", "backend_note", "indexed_size")
+    __slots__ = ("node_id", "gallery_size", "index_version", "model_version", "adapter_version", "backend", "reindex", "rejected_images", "index_type", "embed_dim", "backend_note", "indexed_size", "camera_ids")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GALLERY_SIZE_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class StatusResponse(_message.Message):
     EMBED_DIM_FIELD_NUMBER: _ClassVar[int]
     BACKEND_NOTE_FIELD_NUMBER: _ClassVar[int]
     INDEXED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CAMERA_IDS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     gallery_size: int
     index_version: str
@@ -125,4 +126,5 @@ class StatusResponse(_message.Message):
     embed_dim: int
     backend_note: str
     indexed_size: int
-    def __init__(self, node_id: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., adapter_version: _Optional[str] = ..., backend: _Optional[str] = ..., reindex: _Optional[_Union[ReindexProgress, _Mapping]] = ..., rejected_images: _Optional[int] = ..., index_type: _Optional[str] = ..., embed_dim: _Optional[int] = ..., backend_note: _Optional[str] = ..., indexed_size: _Optional[int] = ...) -> None: ...
+    camera_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., adapter_version: _Optional[str] = ..., backend: _Optional[str] = ..., reindex: _Optional[_Union[ReindexProgress, _Mapping]] = ..., rejected_images: _Optional[int] = ..., index_type: _Optional[str] = ..., embed_dim: _Optional[int] = ..., backend_note: _Optional[str] = ..., indexed_size: _Optional[int] = ..., camera_ids: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -31,6 +31,7 @@ from server import merge
 from server.broker_config import BrokerConfig
 from server.broker_metrics import BrokerMetrics
 from server.registry import NodeClient, NodeRegistry
+from server.routing import route_cameras
 
 log = logging.getLogger(__name__)
 
@@ -184,21 +185,34 @@ class Broker:
         deadline = started + budget_s
         margin_s = self.config.merge_margin_ms / 1000.0
 
+        route = route_cameras(
+            {n.id: self.registry.snapshot(n.id).cameras for n in targets},
+            list(request.filters.camera_ids),
+        )
         vector = self.embed(text)
         node_request = node_pb2.SearchRequest(
             text=text, k=k, filters=request.filters, query_id=query_id
         )
         if vector is not None:
             node_request.vector.CopyFrom(vector)
-        calls = [self._send(node, node_request, query_id, deadline - margin_s) for node in targets]
-        self._wait(calls, deadline - margin_s / 2)
+        calls = {
+            node.id: self._send(
+                node, node_request, route.send[node.id], query_id, deadline - margin_s
+            )
+            for node in targets
+            if node.id in route.send
+        }
+        self._wait(list(calls.values()), deadline - margin_s / 2)
 
         outcomes, answers = [], {}
-        for call in calls:
-            outcome, answer = self._collect(call)
+        for node in targets:
+            if node.id not in calls:
+                outcomes.append(self._skipped(node))
+                continue
+            outcome, answer = self._collect(calls[node.id])
             outcomes.append(outcome)
             if answer is not None:
-                answers[call.node.id] = answer
+                answers[node.id] = answer
             self.metrics.observe_node(
                 outcome.node_id, outcome.state, outcome.grpc_status, outcome.took_ms
             )
@@ -208,12 +222,23 @@ class Broker:
         return response
 
     def _send(
-        self, node: NodeClient, request: node_pb2.SearchRequest, query_id: str, until: float
+        self,
+        node: NodeClient,
+        request: node_pb2.SearchRequest,
+        camera_ids: list[str],
+        query_id: str,
+        until: float,
     ) -> NodeCall:
         now = self._clock()
         timeout = until - now
         if timeout <= 0:
             return NodeCall(node, None, now)
+        if list(request.filters.camera_ids) != camera_ids:  # only this node's own cameras
+            own = node_pb2.SearchRequest()
+            own.CopyFrom(request)
+            del own.filters.camera_ids[:]
+            own.filters.camera_ids.extend(camera_ids)
+            request = own
         future = node.stub.Search.future(request, timeout=timeout, metadata=node.metadata(query_id))
         return NodeCall(node, future, now)
 
@@ -229,6 +254,16 @@ class Broker:
         for future in pending:
             if not future.done():
                 future.cancel()
+
+    def _skipped(self, node: NodeClient) -> broker_pb2.NodeOutcome:
+        known = self.registry.snapshot(node.id)
+        return broker_pb2.NodeOutcome(
+            node_id=node.id,
+            state="skipped",
+            message="holds none of the requested cameras",
+            gallery_size=known.gallery_size,
+            model_version=known.model_version,
+        )
 
     def _collect(
         self, call: NodeCall
@@ -277,7 +312,7 @@ class Broker:
         query_id: str,
     ) -> broker_pb2.BrokerSearchResponse:
         coverage = coverage_of(outcomes, answers)
-        if not answers:
+        if not answers and not coverage.nodes_skipped:
             raise Unavailable(f"no node answered query {query_id}: {describe_outcomes(outcomes)}")
         by_version: dict[str, list[list[retrieval_pb2.Hit]]] = {}
         for node_id, answer in answers.items():
@@ -329,7 +364,7 @@ class Broker:
         self.metrics.observe_query(
             response.merge,
             response.took_ms / 1000.0,
-            cov.nodes_answered,
+            cov.nodes_answered + cov.nodes_skipped,
             cov.nodes_total,
             list(cov.degraded),
         )
@@ -369,6 +404,7 @@ class Broker:
                 last_error=s.last_error,
                 gallery_size=s.gallery_size,
                 model_version=s.model_version,
+                camera_ids=list(s.cameras or ()),
             )
         return response
 
@@ -393,12 +429,14 @@ def coverage_of(
         if o.state == "ok":
             cov.nodes_answered += 1
             cov.vectors_searched += answers[o.node_id].vectors_searched
+        elif o.state == "skipped":
+            cov.nodes_skipped += 1
         elif o.state == "timed_out":
             cov.nodes_timed_out += 1
         else:
             cov.nodes_failed += 1
         cov.vectors_total += o.gallery_size
-    cov.full = cov.nodes_answered == cov.nodes_total
+    cov.full = cov.nodes_answered + cov.nodes_skipped == cov.nodes_total
     if cov.nodes_timed_out:
         cov.degraded.append("timeout")
     if cov.nodes_failed:
@@ -411,8 +449,8 @@ def describe_outcomes(outcomes: Sequence[broker_pb2.NodeOutcome]) -> str:
     """`node-a ok; node-b failed UNAVAILABLE (connection refused); ...` for error messages."""
     parts = []
     for o in outcomes:
-        if o.state == "ok":
-            parts.append(f"{o.node_id} ok")
+        if o.state in ("ok", "skipped"):
+            parts.append(f"{o.node_id} {o.state}")
         else:
             detail = f" ({o.message})" if o.message else ""
             parts.append(f"{o.node_id} {o.state} {o.grpc_status}{detail}")

@@ -72,8 +72,8 @@ class BrokerConfig:
     allow_unauthenticated: bool = False  # must be set explicitly to run without tokens
     tls: TlsFiles | None = None  # listener TLS; `tls.ca` makes it mTLS
     default_k: int = 20
-    max_k: int = 200
-    max_text_chars: int = 1000
+    max_k: int = 100  # keep <= the nodes' [limits] max-k, or large k fail there
+    max_text_chars: int = 512  # keep <= the nodes' [limits] max-query-chars
     default_deadline_ms: int = 2000
     max_deadline_ms: int = 30000
     merge_margin_ms: int = 20  # kept back from every node call for merging and replying

@@ -43,8 +43,11 @@ def coverage_line(response: broker_pb2.BrokerSearchResponse) -> str:
     """`coverage: 3/4 nodes answered; node-d timed_out (DEADLINE_EXCEEDED); ...`."""
     cov = response.coverage
     parts = [f"coverage: {cov.nodes_answered}/{cov.nodes_total} nodes answered"]
+    if cov.nodes_skipped:
+        skipped = ", ".join(o.node_id for o in cov.nodes if o.state == "skipped")
+        parts.append(f"{cov.nodes_skipped} skipped (none of the cameras asked for: {skipped})")
     for o in cov.nodes:
-        if o.state != "ok":
+        if o.state not in ("ok", "skipped"):
             parts.append(
                 f"{o.node_id} {o.state} ({o.grpc_status}{': ' + o.message if o.message else ''})"
             )

@@ -10,6 +10,7 @@ node, so a node that comes back is used at once and a wrongly-unhealthy one is n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -85,6 +86,7 @@ class NodeState:
     last_error: str = ""
     gallery_size: int = 0
     model_version: str = ""
+    cameras: tuple[str, ...] | None = None  # from Status; None: not known yet
 
 
 class NodeClient:
@@ -144,10 +146,7 @@ class NodeRegistry:
 
     def snapshot(self, node_id: str) -> NodeState:
         with self._lock:
-            s = self._nodes[node_id].state
-            return NodeState(
-                s.healthy, s.state, s.last_check, s.last_error, s.gallery_size, s.model_version
-            )
+            return dataclasses.replace(self._nodes[node_id].state)
 
     def learn(self, node_id: str, *, gallery_size: int, model_version: str) -> None:
         """Record what a successful search told us, so coverage of a later miss is right."""
@@ -197,6 +196,10 @@ class NodeRegistry:
             if node_status is not None:
                 node.state.gallery_size = int(node_status.gallery_size)
                 node.state.model_version = node_status.model_version
+                cameras = tuple(node_status.camera_ids)
+                # an empty list from a non-empty gallery means "not reported": keep unknown
+                known = bool(cameras) or node_status.gallery_size == 0
+                node.state.cameras = cameras if known else None
         if was != serving:
             log.info(
                 "node_health node=%s healthy=%s state=%s %s", node.id, serving, state_name, error

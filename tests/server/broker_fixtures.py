@@ -79,7 +79,10 @@ class ScriptedNode(node_pb2_grpc.NodeServiceServicer):
 
     def Status(self, request, context):
         return node_pb2.StatusResponse(
-            node_id=self.node_id, gallery_size=self.gallery_size, model_version=self.model_version
+            node_id=self.node_id,
+            gallery_size=self.gallery_size,
+            model_version=self.model_version,
+            camera_ids=[f"cam-{self.node_id}"],
         )
 
 
@@ -108,9 +111,15 @@ def closed_port_address() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
-def broker_config(addresses: dict[str, str], **overrides) -> BrokerConfig:
+def broker_config(
+    addresses: dict[str, str], node_token: str | None = None, **overrides
+) -> BrokerConfig:
+    """A test broker config; each node's token is `node_token` or `token-<id>`."""
     values = dict(
-        nodes=tuple(NodeEntry(id=i, address=a, token=f"token-{i}") for i, a in addresses.items()),
+        nodes=tuple(
+            NodeEntry(id=i, address=a, token=node_token or f"token-{i}")
+            for i, a in addresses.items()
+        ),
         listen="127.0.0.1:0",
         operator_tokens=(OPERATOR_TOKEN,),
         default_deadline_ms=1500,

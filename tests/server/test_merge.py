@@ -102,3 +102,20 @@ def test_mixed_versions_merge_exactly_within_a_version_then_fuse_across():
     assert ranks[("c", 1)] == (None, 1)
     assert keys([f.hit for f in fused])[:2] == [("a", 1), ("c", 1)]
     assert len(fused) == 5
+
+
+def test_camera_routing_sends_each_node_its_own_cameras_and_skips_the_rest():
+    from common.errors import InvalidQuery
+    from server.routing import route_cameras
+
+    nodes = {"a": ["c1", "c2"], "b": ["c3"], "c": None, "d": []}
+    route = route_cameras(nodes, ["c3", "c1"])
+    assert route.send == {"a": ["c1"], "b": ["c3"], "c": ["c3", "c1"]}  # c: cameras unknown
+    assert route.skipped == ["d"]
+    assert route_cameras(nodes, []).send == {"a": [], "b": [], "c": [], "d": []}
+    # camera on no node (every node's cameras known): the operator's mistake, said plainly
+    with pytest.raises(InvalidQuery, match=r"unknown camera id\(s\) \['c9'\]"):
+        route_cameras({"a": ["c1"], "b": ["c3"]}, ["c1", "c9"])
+    # with a node of unknown cameras, c9 might be there: it goes to that node only
+    route = route_cameras({"a": ["c1"], "c": None}, ["c9"])
+    assert route.send == {"c": ["c9"]} and route.skipped == ["a"]

@@ -1,0 +1,171 @@
+"""The broker against real node daemons with real galleries (tiny model everywhere).
+
+Acceptance: the merged top-k equals the top-k of ONE faiss index over the union of all
+galleries, computed offline with the same model on the same images.
+"""
+
+from __future__ import annotations
+
+import io
+
+import faiss
+import grpc
+import numpy as np
+import pytest
+from broker_fixtures import OPERATOR_TOKEN, broker_config
+from PIL import Image, ImageDraw
+
+from protos import broker_pb2, node_pb2, node_pb2_grpc, retrieval_pb2
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+NODE_TOKEN = "node-token"
+AUTH = [("authorization", f"Bearer {OPERATOR_TOKEN}")]
+QUERIES = [
+    "a woman in a red jacket and black trousers",
+    "a man with a blue shirt",
+    "person in green carrying a yellow bag",
+]
+COLOURS = [
+    (200, 30, 30),
+    (30, 40, 200),
+    (30, 160, 40),
+    (15, 15, 15),
+    (235, 235, 235),
+    (220, 210, 40),
+]
+
+
+def crop(seed: int) -> bytes:
+    """A small synthetic person crop: coloured top and trousers on a noisy background."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(60, 200, size=(64, 32, 3), dtype=np.uint8))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([8, 12, 24, 34], fill=COLOURS[seed % 6])
+    draw.rectangle([10, 34, 22, 62], fill=COLOURS[(seed // 6) % 6])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")  # lossless: node and offline embed identical pixels
+    return buf.getvalue()
+
+
+@pytest.fixture
+def real_nodes(tmp_path):
+    """Three real node daemons, 8 + 6 + 7 images, tiny model, token auth."""
+    from edge_node.config import AuthSettings, IndexSettings, NodeConfig
+    from edge_node.daemon import create_server, shutdown
+
+    started, galleries = [], {}
+    seed = 0
+    for node_id, n in (("north", 8), ("south", 6), ("east", 7)):
+        config = NodeConfig(
+            node_id=node_id,
+            data_dir=tmp_path / node_id,
+            listen="127.0.0.1:0",
+            model="tiny",
+            adapter_dir=tmp_path / f"{node_id}-adapters",
+            index=IndexSettings(embed_batch_size=8, save_interval_s=0.0),
+            auth=AuthSettings(token=NODE_TOKEN),
+            grace_s=1.0,
+        )
+        server, port, node = create_server(config)
+        server.start()
+        started.append((server, node))
+        items = [
+            node_pb2.ImageItem(
+                data=crop(seed + i),
+                camera_id=f"{node_id}-cam{i % 2}",
+                timestamp_ms=1_700_000_000_000 + 1000 * (seed + i),
+                file_name=f"{node_id}_{i}.png",
+            )
+            for i in range(n)
+        ]
+        seed += n
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = node_pb2_grpc.NodeServiceStub(channel).Ingest(
+                node_pb2.IngestRequest(images=items),
+                metadata=[("authorization", f"Bearer {NODE_TOKEN}")],
+                timeout=60,
+            )
+        assert all(r.accepted for r in reply.results), [r.reason for r in reply.results]
+        assert node.wait_indexed(60)
+        galleries[node_id] = (
+            f"127.0.0.1:{port}",
+            [(r.image_id, item) for r, item in zip(reply.results, items, strict=True)],
+        )
+    yield galleries
+    for server, node in started:
+        shutdown(server, node, 1.0)
+
+
+def union_topk(model, galleries, text: str, k: int):
+    """Offline: one faiss index over every node's images, embedded with the same model."""
+    from common.preprocess import load_image
+
+    keys, images = [], []
+    for node_id, (_addr, items) in galleries.items():
+        for image_id, item in items:
+            keys.append((node_id, image_id))
+            images.append(load_image(item.data))
+    vectors = model.encode_images(images).numpy().astype("float32")
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    query = model.encode_text([text]).numpy().astype("float32")
+    scores, rows = index.search(query, k)
+    return [(keys[r], float(s)) for s, r in zip(scores[0], rows[0], strict=True)]
+
+
+@pytest.mark.parametrize("broker_embeds", [True, False])
+def test_merged_topk_equals_single_union_index(real_nodes, tiny_model, start_broker, broker_embeds):
+    config = broker_config({node_id: addr for node_id, (addr, _) in real_nodes.items()}, NODE_TOKEN)
+    handle = start_broker(config, encoder=tiny_model if broker_embeds else None)
+    k = 10
+    for text in QUERIES:
+        response = handle.stub.Search(
+            broker_pb2.BrokerSearchRequest(text=text, k=k, deadline_ms=10_000),
+            metadata=AUTH,
+            timeout=30,
+        )
+        expected = union_topk(tiny_model, real_nodes, text, k)
+        got = [((h.node_id, h.image_id), h.score) for h in response.hits]
+        assert [key for key, _ in got] == [key for key, _ in expected], text
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=1e-5)
+        assert response.merge == "score" and response.coverage.full
+        assert response.coverage.vectors_total == 21 and response.coverage.vectors_searched == 21
+        assert all(o.used_vector == broker_embeds for o in response.coverage.nodes)
+        assert {h.model_version for h in response.hits} == {tiny_model.version}
+        assert len({h.node_id for h in response.hits}) >= 2  # a real merge, not one node's list
+
+
+def test_filters_and_thumbnails_through_real_nodes(real_nodes, tiny_model, start_broker):
+    handle = start_broker(
+        broker_config({node_id: addr for node_id, (addr, _) in real_nodes.items()}, NODE_TOKEN),
+        encoder=tiny_model,
+    )
+    handle.broker.registry.check_all()  # learns each node's cameras (and health)
+    filters = retrieval_pb2.Filters(camera_ids=["north-cam0", "east-cam1"])
+    response = handle.stub.Search(
+        broker_pb2.BrokerSearchRequest(text=QUERIES[0], k=50, filters=filters),
+        metadata=AUTH,
+        timeout=30,
+    )
+    assert {h.camera_id for h in response.hits} == {"north-cam0", "east-cam1"}
+    assert len(response.hits) == 4 + 3
+    states = {o.node_id: o.state for o in response.coverage.nodes}
+    assert states == {"north": "ok", "south": "skipped", "east": "ok"}
+    assert response.coverage.full and response.coverage.nodes_skipped == 1
+    assert response.coverage.vectors_searched == 4 + 3
+    hit = response.hits[0]
+    thumb = handle.stub.GetThumbnail(
+        broker_pb2.BrokerThumbnailRequest(node_id=hit.node_id, image_id=hit.image_id, max_side=32),
+        metadata=AUTH,
+        timeout=30,
+    )
+    img = Image.open(io.BytesIO(thumb.jpeg))
+    assert max(img.size) <= 32 and thumb.camera_id == hit.camera_id
+    status = handle.stub.Status(broker_pb2.BrokerStatusRequest(), metadata=AUTH, timeout=10)
+    assert all(n.healthy and n.model_version == tiny_model.version for n in status.nodes)
+    assert sorted(n.gallery_size for n in status.nodes) == [6, 7, 8]
+    assert {n.node_id: list(n.camera_ids) for n in status.nodes}["south"] == [
+        "south-cam0",
+        "south-cam1",
+    ]
