@@ -57,7 +57,7 @@ def exported(request, tmp_path_factory):
 
 
 def test_fp32_parity_both_towers(exported):
-    model, out, manifest = exported
+    model, out, _manifest = exported
     backend = OrtBackend(out, model_version=model.version, adapter_version="", batch_size=4)
     assert backend.version == model.version and backend.embed_dim == model.embed_dim
     crops = _crops()
@@ -74,14 +74,14 @@ def test_fp32_parity_both_towers(exported):
 def test_clip_text_graph_has_no_argmax(exported):
     import onnx
 
-    model, out, manifest = exported
+    _model, out, manifest = exported
     ops = {n.op_type for n in onnx.load(str(out / manifest.graphs["text"])).graph.node}
     assert "ArgMax" not in ops  # TensorRT cannot run int64 ArgMax
     assert manifest.opset >= 17 and "LayerNormalization" in ops
 
 
 def test_manifest_records_what_the_node_needs(exported):
-    model, out, manifest = exported
+    model, out, _manifest = exported
     data = json.loads((out / MANIFEST_FILE).read_text())
     assert data["model_version"] == model.version
     assert data["embed_dim"] == model.embed_dim
@@ -95,7 +95,7 @@ def test_mismatching_export_is_refused(exported):
     model, out, _ = exported
     with pytest.raises(AdapterMismatch, match="this node runs 'default@"):
         OrtBackend(out, model_version="default@0123456789")
-    with pytest.raises(AdapterMismatch, match="adapter none .*node's adapter is abc"):
+    with pytest.raises(AdapterMismatch, match=r"adapter none .*node's adapter is abc"):
         OrtBackend(out, model_version=model.version, adapter_version="abc")
 
 

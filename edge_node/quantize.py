@@ -1,0 +1,102 @@
+"""INT8 quantisation of exported graphs with onnxruntime's own tools.
+
+Why two modes: dynamic quantisation (weights int8, activation scales computed per batch at
+run time) needs no data and suits the transformer text tower; static quantisation fixes
+activation scales from calibration crops, which is what makes convolutions fast (fused
+QLinearConv on CPU) and is the explicit Q/DQ form TensorRT builds INT8 engines from.
+The calibration crops should be the node's own gallery crops: scales then match the
+cameras the node actually serves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common.errors import ConfigError
+from common.preprocess import PreprocessCfg, to_batch
+
+log = logging.getLogger(__name__)
+
+CALIB_BATCH = 8
+
+
+class CropCalibrationReader:
+    """Feeds preprocessed crops to onnxruntime's calibrator, a few at a time."""
+
+    def __init__(self, images: Sequence[Image.Image], cfg: PreprocessCfg, batch: int = CALIB_BATCH):
+        self._batches = [
+            to_batch(list(images[i : i + batch]), cfg).numpy() for i in range(0, len(images), batch)
+        ]
+        self._pos = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._pos >= len(self._batches):
+            return None
+        self._pos += 1
+        return {"pixels": self._batches[self._pos - 1]}
+
+    def rewind(self) -> None:
+        self._pos = 0
+
+
+def quantize_dynamic_graph(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False)
+
+
+def quantize_static_graph(
+    src: Path,
+    dst: Path,
+    images: Sequence[Image.Image],
+    cfg: PreprocessCfg,
+    *,
+    symmetric: bool = False,
+) -> None:
+    """QDQ static quantisation. `symmetric`: int8 activations with zero point 0, the only
+    kind TensorRT accepts; otherwise uint8 activations, which is fastest on x86 CPUs."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not images:
+        raise ConfigError("static INT8 quantisation needs calibration images (--calib-data)")
+    quantize_static(
+        str(src),
+        str(dst),
+        CropCalibrationReader(images, cfg),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+    )
+
+
+def quantize_export(
+    root: Path,
+    graphs: dict[str, str],
+    cfg: PreprocessCfg,
+    calib_images: Sequence[Image.Image] | None,
+    *,
+    symmetric: bool = False,
+) -> dict[str, dict]:
+    """Quantise the fp32 graphs in `root` in place; returns what was done, per tower, for
+    the manifest. Image: static when calibration crops are given, else dynamic."""
+    done: dict[str, dict] = {}
+    for tower, name in graphs.items():
+        src = root / name
+        tmp = root / f"{src.stem}.int8.onnx"
+        if tower == "image" and calib_images:
+            quantize_static_graph(src, tmp, calib_images, cfg, symmetric=symmetric)
+            done[tower] = {"mode": "static", "calibration_images": len(calib_images)}
+        else:
+            quantize_dynamic_graph(src, tmp)
+            done[tower] = {"mode": "dynamic"}
+        tmp.replace(src)
+        log.info("quantised %s graph to INT8 (%s)", tower, done[tower]["mode"])
+    return done
