@@ -197,62 +197,65 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.amp == "fp16")
 
     result, start = TrainResult(num_examples=len(pairs)), time.perf_counter()
-    model.train()
-    _freeze_batchnorm(model)
-    bar = tqdm(total=total, desc=desc, disable=not cfg.progress, leave=False)
-    for _epoch in range(cfg.epochs):
-        order = torch.randperm(len(pairs), generator=gen)
-        epoch_loss, n = 0.0, 0
-        for s in range(0, len(pairs), cfg.batch_size):
-            batch = order[s : s + cfg.batch_size]
-            if len(batch) < 2:
-                continue
-            px = bank.batch(img_idx[batch], device)
-            if cfg.hflip:
-                flip = torch.rand(len(batch), generator=gen) < 0.5
-                px[flip.to(device)] = px[flip.to(device)].flip(-1)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                img = F.normalize(core.image_features(px), dim=-1)
-                if cached:
-                    txt = core.text_proj(text_feats[batch])
-                else:
-                    txt = core.text_features([captions[i] for i in batch.tolist()])
-                txt = F.normalize(txt, dim=-1)
-                scale = core.logit_scale.exp().clamp(max=100.0)
-                loss = contrastive_loss(img.float(), txt.float(), pids[batch].to(device), scale)
-                if prox and cfg.proximal_mu > 0:
-                    loss = loss + cfg.proximal_mu / 2 * sum(
-                        (p - prox[name]).pow(2).sum()
-                        for name, p in model.named_parameters()
-                        if name in prox
+    # Dropout draws from the global RNG: seed it for reproducible runs, then restore it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model.train()
+        _freeze_batchnorm(model)
+        bar = tqdm(total=total, desc=desc, disable=not cfg.progress, leave=False)
+        for _epoch in range(cfg.epochs):
+            order = torch.randperm(len(pairs), generator=gen)
+            epoch_loss, n = 0.0, 0
+            for s in range(0, len(pairs), cfg.batch_size):
+                batch = order[s : s + cfg.batch_size]
+                if len(batch) < 2:
+                    continue
+                px = bank.batch(img_idx[batch], device)
+                if cfg.hflip:
+                    flip = torch.rand(len(batch), generator=gen) < 0.5
+                    px[flip.to(device)] = px[flip.to(device)].flip(-1)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    img = F.normalize(core.image_features(px), dim=-1)
+                    if cached:
+                        txt = core.text_proj(text_feats[batch])
+                    else:
+                        txt = core.text_features([captions[i] for i in batch.tolist()])
+                    txt = F.normalize(txt, dim=-1)
+                    scale = core.logit_scale.exp().clamp(max=100.0)
+                    loss = contrastive_loss(img.float(), txt.float(), pids[batch].to(device), scale)
+                    if prox and cfg.proximal_mu > 0:
+                        loss = loss + cfg.proximal_mu / 2 * sum(
+                            (p - prox[name]).pow(2).sum()
+                            for name, p in model.named_parameters()
+                            if name in prox
+                        )
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"{desc}: loss became {loss.item()} at step "
+                        f"{result.steps}; lower the learning rate"
                     )
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{desc}: loss became {loss.item()} at step "
-                    f"{result.steps}; lower the learning rate"
-                )
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            if cfg.schedule != "plateau":
-                sched.step()
-            epoch_loss += loss.item() * len(batch)
-            n += len(batch)
-            result.steps += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                if cfg.schedule != "plateau":
+                    sched.step()
+                epoch_loss += loss.item() * len(batch)
+                n += len(batch)
+                result.steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if cfg.max_steps is not None and result.steps >= cfg.max_steps:
+                    break
+            result.losses.append(epoch_loss / max(n, 1))
+            if cfg.schedule == "plateau":
+                sched.step(result.losses[-1])
             if cfg.max_steps is not None and result.steps >= cfg.max_steps:
                 break
-        result.losses.append(epoch_loss / max(n, 1))
-        if cfg.schedule == "plateau":
-            sched.step(result.losses[-1])
-        if cfg.max_steps is not None and result.steps >= cfg.max_steps:
-            break
-    bar.close()
+        bar.close()
     model.eval()
     result.seconds = time.perf_counter() - start
     return result
