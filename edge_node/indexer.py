@@ -61,9 +61,7 @@ class VectorIndex:
         if s.type == "ivf" and not flat:
             quantizer = faiss.IndexFlatIP(self.dim)
             base = faiss.IndexIVFFlat(quantizer, self.dim, s.ivf_nlist, faiss.METRIC_INNER_PRODUCT)
-            base.nprobe = s.ivf_nprobe
-            base.own_fields = True
-            base._quantizer = quantizer  # keep the Python object alive with the index
+            base.nprobe = s.ivf_nprobe  # faiss's wrapper keeps `quantizer` referenced
             return base
         return faiss.IndexFlatIP(self.dim)
 

@@ -1,0 +1,342 @@
+"""What a node does in a federated round, with no Flower in sight (STYLE: task modules).
+
+`client_app.py` translates Flower messages to these calls and back. Here: where the node's
+data is (`NodeFlSettings`, from the SuperNode's `--node-config`), what the server asked for
+this round (`RoundPlan`, from the round's ConfigRecord), and `NodeTrainer`, which loads the
+global adapter, trains it on the node's captioned crops, evaluates it on the node's
+held-out split and hands the final one to the node daemon.
+
+Only adapter tensors leave this module: the keys the server sent, nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.datasets import Record, load_records
+from common.errors import AdapterMismatch, ConfigError, DatasetError
+
+log = logging.getLogger(__name__)
+
+HANDOVER_NAME = "federated"  # sub-directory of adapter-dir the final global adapter goes to
+
+
+@dataclass(frozen=True)
+class NodeFlSettings:
+    """Where this node's data is and where the final adapter goes.
+
+    Deployment: from `flower-supernode --node-config "data-path='...' node-id='cam-3'
+    adapter-dir='...'"`. Simulation: virtual nodes only get `partition-id` and
+    `num-partitions`; the dataset comes from the run config's `data-path` and the
+    partition picks the i-th distinct `node` of its records (see `select_partition`).
+    """
+
+    data_path: Path
+    node_name: str = ""  # records whose `node` equals it; "" = every record in data-path
+    partition: tuple[int, int] | None = None  # (partition-id, num-partitions) in simulation
+    adapter_dir: Path | None = None  # the node daemon's watched adapter dir
+    sim_out_dir: Path | None = None  # simulation: adapter dirs under OUT/nodes/<node>/
+    train_split: str = "train"
+    eval_split: str = "test"
+    threads: int = 1
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not str(self.data_path).strip():
+            raise ConfigError(
+                "node has no data: set `data-path` in --node-config "
+                "(or the run config's `data-path` in simulation)"
+            )
+        if self.threads < 0:
+            raise ConfigError(f"`threads` must be >= 0, got {self.threads}")
+
+    @classmethod
+    def from_configs(
+        cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]
+    ) -> NodeFlSettings:
+        """Node config wins; the run config only fills in what simulation cannot set."""
+
+        def get(key: str, default: Any = None) -> Any:
+            if key in node_config:
+                return node_config[key]
+            return run_config.get(key, default)
+
+        partition = None
+        if "partition-id" in node_config:
+            partition = (int(node_config["partition-id"]), int(node_config["num-partitions"]))
+        adapter_dir = node_config.get("adapter-dir")
+        sim_out = run_config.get("out-dir") if partition is not None else None
+        return cls(
+            data_path=Path(str(get("data-path", ""))).expanduser(),
+            node_name=str(node_config.get("node-id", "")),
+            partition=partition,
+            adapter_dir=Path(str(adapter_dir)).expanduser() if adapter_dir else None,
+            sim_out_dir=Path(str(sim_out)).expanduser() if sim_out else None,
+            train_split=str(get("train-split", "train")),
+            eval_split=str(get("eval-split", "test")),
+            threads=int(get("client-threads", get("threads", 1))),
+            device=str(get("device", "cpu")),
+        )
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server asks of a node this round (the round's ConfigRecord, kebab keys)."""
+
+    server_round: int
+    num_server_rounds: int
+    model: str
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_seed: int = 0
+    freeze_a: bool = False
+    lora_a_digest: str = ""
+    local_epochs: int = 1
+    lr: float = 0.002
+    batch_size: int = 32
+    max_steps: int = 0
+    proximal_mu: float = 0.0
+    seed: int = 0
+    local_eval: bool = True
+    strategy: str = ""
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> RoundPlan:
+        from common.config import from_dict, snake_keys
+
+        return from_dict(cls, snake_keys(dict(config)), "round config")
+
+    @property
+    def final(self) -> bool:
+        return self.server_round >= self.num_server_rounds
+
+
+@dataclass
+class NodeData:
+    name: str
+    train: list[Record]
+    heldout: list[Record]
+
+
+def select_partition(records: list[Record], partition_id: int, num_partitions: int) -> str:
+    """Node name of a simulated partition: the i-th distinct `node` value, sorted.
+
+    The dataset must name exactly `num_partitions` nodes, so that a simulated node sees
+    what the real one would (its own cameras), never a random IID slice.
+    """
+    names = sorted({r.node for r in records if r.node})
+    if len(names) != num_partitions:
+        raise DatasetError(
+            f"simulation with {num_partitions} nodes, but the dataset names {len(names)} "
+            f"nodes ({', '.join(names[:6]) or 'none'}); generate it with as many nodes"
+        )
+    return names[partition_id]
+
+
+def load_node_data(settings: NodeFlSettings) -> NodeData:
+    records = load_records(settings.data_path)
+    name = settings.node_name
+    if settings.partition is not None and not name:
+        name = select_partition(records, *settings.partition)
+    if name and any(r.node for r in records):
+        records = [r for r in records if r.node == name]
+    train = [r for r in records if r.split == settings.train_split]
+    heldout = [r for r in records if r.split == settings.eval_split]
+    if not train:
+        raise DatasetError(
+            f"node {name or '?'}: no {settings.train_split!r} records in {settings.data_path}"
+        )
+    return NodeData(name or settings.data_path.name, train, heldout)
+
+
+class NodeTrainer:
+    """One per ClientApp process: keeps the model, image banks and text cache across rounds.
+
+    A simulation process serves several virtual nodes in turn, so per-node objects are
+    keyed by node; the model is shared (every round loads the full global adapter into it,
+    and with FFA-LoRA A never trains, so nothing of one node leaks into another's round).
+    """
+
+    def __init__(self) -> None:
+        self._model_key: tuple | None = None
+        self._model = None
+        self._data: dict[tuple, NodeData] = {}
+        self._banks: dict[tuple, Any] = {}
+        self._text_cache = None
+
+    # ------------------------------------------------------------------ set-up
+    def model(self, plan: RoundPlan):
+        from common.factory import create_model
+        from common.lora import LoraSettings, adapter_digest, attach_lora, get_adapter_state
+
+        key = (plan.model, plan.lora_rank, plan.lora_alpha, plan.lora_seed, plan.freeze_a)
+        if key != self._model_key:
+            base = create_model(plan.model)
+            settings = LoraSettings.from_spec(
+                base.spec.get("lora"),
+                r=plan.lora_rank or None,
+                alpha=plan.lora_alpha or None,
+                init_seed=plan.lora_seed,
+                freeze_a=plan.freeze_a,
+            )
+            self._model, self._model_key = attach_lora(base, settings), key
+        if plan.freeze_a and plan.lora_a_digest:
+            state = get_adapter_state(self._model)
+            digest = adapter_digest(state, [k for k in state if "lora_A" in k])
+            if digest != plan.lora_a_digest:
+                raise AdapterMismatch(
+                    "FFA-LoRA: this node's frozen A differs from the server's "
+                    "(different model files, peft or torch version?); refusing to train"
+                )
+        return self._model
+
+    def data(self, settings: NodeFlSettings) -> NodeData:
+        key = (str(settings.data_path), settings.node_name, settings.partition)
+        if key not in self._data:
+            self._data[key] = load_node_data(settings)
+        return self._data[key]
+
+    def _bank(self, settings: NodeFlSettings, data: NodeData, model):
+        from common.train import ImageBank, core_model
+
+        pre = core_model(model).preprocess
+        key = (str(settings.data_path), data.name, repr(pre))
+        if key not in self._banks:
+            self._banks[key] = ImageBank(data.train + data.heldout, pre)
+        return self._banks[key]
+
+    def _cache(self, model):
+        from common.train import TextFeatureCache, core_model
+
+        fingerprint = core_model(model).fingerprint
+        if self._text_cache is None or self._text_cache.fingerprint != fingerprint:
+            self._text_cache = TextFeatureCache(fingerprint)
+        return self._text_cache
+
+    def load_global(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]):
+        """The node's model with the server's global adapter in it (checked)."""
+        from common.lora import set_adapter_state
+
+        if plan.freeze_a and any("lora_A" in k for k in global_state):
+            raise AdapterMismatch("FFA-LoRA round, but the server sent LoRA A tensors")
+        model = self.model(plan)
+        set_adapter_state(model, global_state, allow_subset=plan.freeze_a, where="global adapter")
+        return model
+
+    # ------------------------------------------------------------------ round steps
+    def train_round(
+        self,
+        settings: NodeFlSettings,
+        plan: RoundPlan,
+        global_state: Mapping[str, torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Train locally; return (the same keys the server sent, metrics with num-examples)."""
+        from common.evaluate import evaluate
+        from common.lora import get_adapter_state
+        from common.train import TrainConfig, train
+
+        data = self.data(settings)
+        model = self.load_global(plan, global_state)
+        reference = None
+        if plan.proximal_mu > 0:
+            reference = {
+                n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+            }
+        cfg = TrainConfig(
+            epochs=plan.local_epochs,
+            lr=plan.lr,
+            batch_size=plan.batch_size,
+            max_steps=plan.max_steps or None,
+            proximal_mu=plan.proximal_mu,
+            seed=plan.seed * 1_000_003 + plan.server_round * 7919 + zlib.crc32(data.name.encode()),
+            device=settings.device,
+            progress=False,
+        )
+        bank, cache = self._bank(settings, data, model), self._cache(model)
+        result = train(model, data.train, cfg, reference=reference, text_cache=cache, bank=bank)
+        state = get_adapter_state(model)
+        payload = {k: state[k] for k in global_state}
+        metrics = {
+            "num-examples": result.num_examples,
+            "train-loss": result.losses[-1],
+            "train-seconds": result.seconds,
+        }
+        if plan.local_eval and data.heldout:
+            local = evaluate(model, data.heldout, text_cache=cache, bank=bank)
+            metrics.update({"local-r1": local["R1"], "local-map": local["mAP"]})
+        log.info(
+            "node %s round %d: %d pairs, loss %.4f, %.1fs",
+            data.name,
+            plan.server_round,
+            result.num_examples,
+            result.losses[-1],
+            result.seconds,
+        )
+        return payload, metrics
+
+    def evaluate_round(
+        self,
+        settings: NodeFlSettings,
+        plan: RoundPlan,
+        global_state: Mapping[str, torch.Tensor],
+    ) -> dict[str, float]:
+        """Local retrieval metrics of the global adapter on the node's held-out split."""
+        from common.evaluate import evaluate
+
+        data = self.data(settings)
+        if not data.heldout:
+            return {"num-examples": 0}
+        model = self.load_global(plan, global_state)
+        bank, cache = self._bank(settings, data, model), self._cache(model)
+        metrics = evaluate(model, data.heldout, text_cache=cache, bank=bank)
+        return {
+            "num-examples": int(metrics.get("queries", len(data.heldout))),
+            "r1": metrics["R1"],
+            "r5": metrics["R5"],
+            "map": metrics["mAP"],
+        }
+
+    def hand_over(
+        self,
+        settings: NodeFlSettings,
+        plan: RoundPlan,
+        global_state: Mapping[str, torch.Tensor],
+        *,
+        run_id: int = 0,
+    ) -> tuple[Path | None, str]:
+        """Write the final global adapter into the daemon's adapter dir, atomically.
+
+        The daemon watches `adapter-dir` and hot-swaps the newest complete adapter;
+        `save_adapter` renames a finished directory into place, so it never sees half of
+        one. Returns (path or None when this node has no adapter dir, model version).
+        """
+        from common.adapters import save_adapter
+
+        target = self.handover_dir(settings)
+        if target is None:
+            log.info("no adapter-dir configured; the final adapter is not handed over")
+            return None, ""
+        model = self.load_global(plan, global_state)
+        manifest = save_adapter(
+            model,
+            target,
+            round=plan.server_round,
+            extra={"source": "flower", "run-id": int(run_id), "strategy": plan.strategy},
+        )
+        log.info("handed the final global adapter to %s (%s)", target, manifest.model_version)
+        return target, manifest.model_version
+
+    def handover_dir(self, settings: NodeFlSettings) -> Path | None:
+        if settings.adapter_dir is not None:
+            return settings.adapter_dir / HANDOVER_NAME
+        if settings.sim_out_dir is not None and settings.partition is not None:
+            name = self.data(settings).name
+            return settings.sim_out_dir / "nodes" / name / "adapters" / HANDOVER_NAME
+        return None
