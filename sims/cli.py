@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "sims.synth_cli",  # synth, pretrain
     "edge_node.cli",  # node serve, export
     "server.cli",  # broker serve, query, fl
+    "sims.fl_cli",  # fl simulate (runs ServerApp + ClientApp in one process)
     "sims.sim_cli",  # sim, demo, bench
 )
 

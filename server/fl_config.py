@@ -1,0 +1,148 @@
+"""The federated run's configuration: `[tool.flwr.app.config]` parsed once, validated, frozen.
+
+Flower hands the ServerApp `context.run_config` (kebab-case keys from pyproject.toml plus
+`flwr run --run-config` overrides). It is read here, once, at the top of the ServerApp; a
+typo or an impossible combination stops the run before any node is contacted, with a
+message naming the key. What the nodes need for a round travels to them in the round's
+ConfigRecord (`train_config`), so the nodes never read server-side settings themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import from_dict, snake_keys
+from common.errors import ConfigError
+
+STRATEGIES = ("fedavg", "ffa", "robust")
+ROBUST_AGGREGATORS = ("trimmed", "median")
+
+
+@dataclass(frozen=True)
+class FlConfig:
+    """Everything a federated run needs (keys in kebab-case in TOML / --run-config).
+
+    strategy: fedavg (FedIT: weighted FedAvg of A and B), ffa (FFA-LoRA: A frozen at the
+        shared seeded init, only B travels, aggregation exact), robust (FedIT payload, every
+        update's change clipped to `clip-norm`, then FedTrimmedAvg or FedMedian).
+    max-update-norm: an update whose change from the round's global adapter has a larger L2
+        norm is rejected (0 disables the bound). Catches scaled/poisoned updates.
+    min-nodes: nodes that must be connected before a round starts and nodes sampled.
+    min-updates: valid updates needed to aggregate; with fewer the global stays unchanged.
+    round-timeout: seconds the server waits for replies; late nodes are left out of the round.
+    data-path: dataset used by simulated nodes (each takes its own `node` partition) and,
+        unless `eval-data` says otherwise, for the server's held-out evaluation.
+    eval-split: split of the held-out set ("" disables server-side evaluation).
+    lora-rank / lora-alpha: 0 means the model config's own values.
+    max-steps: cap on local optimiser steps per round (0: no cap), for quick runs.
+    """
+
+    num_server_rounds: int = 3
+    strategy: str = "ffa"
+    robust_aggregator: str = "trimmed"
+    trim_beta: float = 0.2
+    clip_norm: float = 1.0
+    max_update_norm: float = 100.0
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_nodes: int = 2
+    min_updates: int = 1
+    round_timeout: float = 3600.0
+    local_epochs: int = 1
+    lr: float = 0.002
+    batch_size: int = 32
+    max_steps: int = 0
+    proximal_mu: float = 0.0
+    local_eval: bool = True
+    model: str = "default"
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_seed: int = 0
+    seed: int = 0
+    data_path: str = ""
+    eval_data: str = ""
+    eval_split: str = "test"
+    out_dir: str = "runs/fl"
+    client_threads: int = 1
+    server_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_server_rounds < 1:
+            raise ConfigError(f"`num-server-rounds` must be >= 1, got {self.num_server_rounds}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"`strategy` must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.robust_aggregator not in ROBUST_AGGREGATORS:
+            raise ConfigError(
+                f"`robust-aggregator` must be one of {ROBUST_AGGREGATORS}, "
+                f"got {self.robust_aggregator!r}"
+            )
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"`trim-beta` must be in [0, 0.5), got {self.trim_beta}")
+        for key in ("clip_norm", "max_update_norm", "proximal_mu", "lora_alpha"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"`{_kebab(key)}` must be a number >= 0, got {value}")
+        for key in ("fraction_train", "fraction_evaluate"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"`{_kebab(key)}` must be in [0, 1], got {value}")
+        if self.fraction_train == 0.0:
+            raise ConfigError("`fraction-train` is 0: no node would ever train")
+        if self.min_nodes < 1 or self.min_updates < 1:
+            raise ConfigError(
+                f"`min-nodes` and `min-updates` must be >= 1 "
+                f"(got {self.min_nodes}, {self.min_updates})"
+            )
+        if self.min_updates > self.min_nodes:
+            raise ConfigError(
+                f"`min-updates` ({self.min_updates}) cannot exceed `min-nodes` "
+                f"({self.min_nodes}): a round could never aggregate"
+            )
+        if not self.round_timeout > 0:
+            raise ConfigError(f"`round-timeout` must be > 0 seconds, got {self.round_timeout}")
+        if self.local_epochs < 1 or self.batch_size < 2 or self.max_steps < 0:
+            raise ConfigError(
+                "`local-epochs` must be >= 1, `batch-size` >= 2 and `max-steps` >= 0 "
+                f"(got {self.local_epochs}, {self.batch_size}, {self.max_steps})"
+            )
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"`lr` must be a positive number, got {self.lr}")
+        if self.lora_rank < 0 or self.client_threads < 0 or self.server_threads < 0:
+            raise ConfigError(
+                "`lora-rank`, `client-threads` and `server-threads` must be >= 0 "
+                f"(got {self.lora_rank}, {self.client_threads}, {self.server_threads})"
+            )
+        if not self.model.strip():
+            raise ConfigError("`model` is empty: name a model config, directory or hf:<id>")
+        if not self.out_dir.strip():
+            raise ConfigError("`out-dir` is empty: the global adapters must go somewhere")
+
+    @classmethod
+    def from_run_config(
+        cls, run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+    ) -> FlConfig:
+        """Parse Flower's run config (kebab-case keys); `overrides` win (in-process runs)."""
+        data = dict(run_config)
+        data.update(overrides or {})
+        return from_dict(cls, snake_keys(data), "run config [tool.flwr.app.config]")
+
+    @property
+    def freeze_a(self) -> bool:
+        return self.strategy == "ffa"
+
+    @property
+    def eval_source(self) -> Path | None:
+        """Dataset for server-side held-out evaluation, or None when disabled."""
+        source = self.eval_data or self.data_path
+        return Path(source).expanduser() if source and self.eval_split else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {_kebab(k): v for k, v in asdict(self).items()}
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")

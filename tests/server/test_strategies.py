@@ -1,0 +1,262 @@
+"""Aggregation math and the validation gate, with real Flower Messages and hand-made updates."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+
+from common.errors import AdapterMismatch, ConfigError
+from server.fl_config import FlConfig
+from server.strategies import (
+    FedIT,
+    FfaLoRA,
+    RobustMedian,
+    RobustTrimmedAvg,
+    UpdateSpec,
+    build_strategy,
+    check_update,
+    clip_update,
+    lora_product,
+)
+
+RNG = np.random.default_rng(0)
+A_KEY = "base_model.model.layer.lora_A.weight"
+B_KEY = "base_model.model.layer.lora_B.weight"
+OUT, R, IN = 6, 2, 5
+
+
+def _metadata(node: int) -> Metadata:
+    return Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
+
+
+def reply(node: int, arrays: dict[str, np.ndarray], n: int = 10, **metrics) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, **metrics}),
+            "node": ConfigRecord({"node-name": f"cam{node}"}),
+        }
+    )
+    return Message(content, metadata=_metadata(node))
+
+
+def failed(node: int) -> Message:
+    return Message(Error(code=0, reason="ClientApp raised DatasetError"), metadata=_metadata(node))
+
+
+def b_only(value: np.ndarray) -> dict[str, np.ndarray]:
+    return {B_KEY: value.astype(np.float32)}
+
+
+def spec_of(arrays: dict[str, np.ndarray]) -> UpdateSpec:
+    return UpdateSpec.from_arrays(ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+
+
+def zeros_b() -> dict[str, np.ndarray]:
+    return b_only(np.zeros((OUT, R)))
+
+
+def ffa(**kwargs) -> FfaLoRA:
+    strategy = FfaLoRA(spec_of(zeros_b()), **kwargs)
+    strategy.begin_round(1, ArrayRecord({B_KEY: Array(zeros_b()[B_KEY])}), sampled=3)
+    return strategy
+
+
+def test_ffa_aggregate_is_the_exact_weighted_average_of_the_products():
+    a = RNG.normal(size=(R, IN)).astype(np.float32)  # the shared, frozen A
+    bs = [RNG.normal(size=(OUT, R)).astype(np.float32) for _ in range(3)]
+    weights = [10, 30, 60]
+    strategy = ffa()
+    arrays, metrics = strategy.aggregate_train(
+        1, [reply(i, b_only(b), n=w) for i, (b, w) in enumerate(zip(bs, weights, strict=True))]
+    )
+    agg_b = arrays[B_KEY].numpy()
+    assert list(arrays.keys()) == [B_KEY]  # B only travels back
+    assert agg_b.dtype == np.float32
+    expected = sum(w * lora_product(b, a) for b, w in zip(bs, weights, strict=True)) / 100
+    np.testing.assert_allclose(lora_product(agg_b, a), expected, rtol=1e-5, atol=1e-6)
+    assert metrics["train-loss"] == pytest.approx(1.0)
+
+
+def test_fedit_is_inexact_when_a_differs_but_ffa_refuses_to_send_a():
+    # Why FFA exists: averaging A and B separately is not the average of B·A.
+    a1, a2 = RNG.normal(size=(R, IN)), RNG.normal(size=(R, IN))
+    b1, b2 = RNG.normal(size=(OUT, R)), RNG.normal(size=(OUT, R))
+    fedit = lora_product((b1 + b2) / 2, (a1 + a2) / 2)
+    exact = (lora_product(b1, a1) + lora_product(b2, a2)) / 2
+    assert not np.allclose(fedit, exact)
+    with pytest.raises(ConfigError, match="B only"):
+        FfaLoRA(spec_of({A_KEY: np.zeros((R, IN), np.float32), **zeros_b()}))
+
+
+def test_fedit_averages_a_and_b_weighted_by_num_examples():
+    full = {A_KEY: np.zeros((R, IN), np.float32), B_KEY: np.zeros((OUT, R), np.float32)}
+    strategy = FedIT(spec_of(full))
+    strategy.begin_round(1, ArrayRecord({k: Array(v) for k, v in full.items()}))
+    u1 = {k: np.full_like(v, 1.0) for k, v in full.items()}
+    u2 = {k: np.full_like(v, 4.0) for k, v in full.items()}
+    arrays, _ = strategy.aggregate_train(1, [reply(1, u1, n=2), reply(2, u2, n=1)])
+    for key in full:
+        np.testing.assert_allclose(arrays[key].numpy(), 2.0)
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (b_only(np.full((OUT, R), np.nan)), "NaN"),
+        (b_only(np.zeros((OUT, R + 1))), "shape"),
+        ({B_KEY: np.zeros((OUT, R), np.float64)}, "dtype"),
+        ({**zeros_b(), "base_model.model.text.weight": np.zeros(3, np.float32)}, "keys"),
+        ({}, "keys"),
+        (b_only(np.full((OUT, R), 1e3)), "norm"),
+    ],
+)
+def test_a_bad_update_is_dropped_and_logged_with_its_node(bad, reason, caplog):
+    good = b_only(np.ones((OUT, R)))
+    strategy = ffa(max_update_norm=100.0)
+    arrays, _ = strategy.aggregate_train(1, [reply(1, good), reply(2, good), reply(9, bad)])
+    np.testing.assert_allclose(arrays[B_KEY].numpy(), 1.0)  # the bad one never got in
+    stats = strategy.rounds[1]
+    assert stats.accepted == [1, 2]
+    assert list(stats.rejected) == [9]
+    assert reason in stats.rejected[9]
+    assert "node 9 (cam9)" in caplog.text
+
+
+def test_bad_metrics_are_rejected_too():
+    good = b_only(np.ones((OUT, R)))
+    strategy = ffa()
+    arrays, _ = strategy.aggregate_train(1, [reply(1, good), reply(2, b_only(np.full((OUT, R), 5.0)), n=0)])
+    np.testing.assert_allclose(arrays[B_KEY].numpy(), 1.0)
+    assert "num-examples" in strategy.rounds[1].rejected[2]
+
+
+def test_a_failed_node_does_not_stop_the_round():
+    strategy = ffa()
+    arrays, _ = strategy.aggregate_train(
+        1, [failed(3), reply(1, b_only(np.ones((OUT, R))), local_r1=50.0)]
+    )
+    np.testing.assert_allclose(arrays[B_KEY].numpy(), 1.0)
+    assert "DatasetError" in strategy.rounds[1].failed[3]
+    assert strategy.rounds[1].aggregated
+
+
+def test_too_few_valid_updates_keep_the_global_unchanged():
+    strategy = ffa(min_updates=2)
+    arrays, metrics = strategy.aggregate_train(
+        1,
+        [
+            failed(3),
+            reply(1, b_only(np.ones((OUT, R)))),
+            reply(2, b_only(np.full((OUT, R), np.inf))),
+        ],
+    )
+    assert arrays is None and metrics is None
+    assert not strategy.rounds[1].aggregated
+
+
+def test_replies_with_different_metric_keys_still_aggregate():
+    # A node without a held-out split reports no local Rank-1; Flower would refuse the round.
+    strategy = ffa()
+    arrays, metrics = strategy.aggregate_train(
+        1, [reply(1, b_only(np.ones((OUT, R))), local_r1=40.0), reply(2, b_only(np.ones((OUT, R))))]
+    )
+    assert arrays is not None
+    assert "local_r1" not in metrics and "train-loss" in metrics
+
+
+def test_clip_update_scales_the_change_only():
+    ref = {"w": np.ones(4)}
+    update = {"w": np.ones(4, np.float32) + np.array([3, 4, 0, 0], np.float32)}
+    clipped = clip_update(update, ref, 1.0)
+    np.testing.assert_allclose(clipped["w"], [1.6, 1.8, 1.0, 1.0], rtol=1e-6)
+    assert clipped["w"].dtype == np.float32
+    assert clip_update(update, ref, 10.0)["w"] is not None
+
+
+def test_robust_median_with_clipping_resists_one_outlier():
+    honest = [b_only(np.full((OUT, R), v)) for v in (0.1, 0.12, 0.11)]
+    attacker = b_only(np.full((OUT, R), 50.0))
+    for cls, kwargs in ((RobustMedian, {}), (RobustTrimmedAvg, {"beta": 0.25})):
+        strategy = cls(spec_of(zeros_b()), clip_norm=1.0, max_update_norm=1e6, **kwargs)
+        strategy.begin_round(1, ArrayRecord({B_KEY: Array(zeros_b()[B_KEY])}))
+        replies = [reply(i, u) for i, u in enumerate(honest)] + [reply(9, attacker)]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        agg = arrays[B_KEY].numpy()
+        assert np.all(agg < 0.2), cls.__name__  # plain FedAvg would give ~12.6
+
+
+def test_check_update_returns_numpy_arrays():
+    arrays = ArrayRecord({B_KEY: Array(np.ones((OUT, R), np.float32))})
+    update = check_update(arrays, spec_of(zeros_b()))
+    assert update[B_KEY].shape == (OUT, R)
+    with pytest.raises(AdapterMismatch, match="norm"):
+        check_update(arrays, spec_of(zeros_b()), {B_KEY: np.zeros((OUT, R))}, max_norm=1.0)
+
+
+def test_payload_bytes_are_the_raw_tensor_bytes():
+    spec = spec_of({A_KEY: np.zeros((R, IN), np.float32), **zeros_b()})
+    assert spec.nbytes == (R * IN + OUT * R) * 4
+
+
+def test_build_strategy_follows_the_config():
+    spec = spec_of(zeros_b())
+    assert type(build_strategy(FlConfig(strategy="ffa"), spec)) is FfaLoRA
+    assert type(build_strategy(FlConfig(strategy="fedavg"), spec)) is FedIT
+    robust = build_strategy(FlConfig(strategy="robust", robust_aggregator="median"), spec)
+    assert type(robust) is RobustMedian and robust.clip_norm == 1.0
+    trimmed = build_strategy(FlConfig(strategy="robust", trim_beta=0.1, min_nodes=3), spec)
+    assert type(trimmed) is RobustTrimmedAvg and trimmed.beta == 0.1
+    assert trimmed.min_train_nodes == 3
+
+
+def test_fl_config_rejects_bad_values_naming_the_key():
+    cfg = FlConfig.from_run_config({"num-server-rounds": 2, "lr": 1, "strategy": "fedavg"})
+    assert cfg.lr == 1.0 and cfg.num_server_rounds == 2
+    with pytest.raises(ConfigError, match="num-sever-rounds"):
+        FlConfig.from_run_config({"num-sever-rounds": 2})
+    with pytest.raises(ConfigError, match="strategy"):
+        FlConfig.from_run_config({"strategy": "fedsgd"})
+    with pytest.raises(ConfigError, match="min-updates"):
+        FlConfig.from_run_config({"min-nodes": 1, "min-updates": 2})
+    overridden = FlConfig.from_run_config({"strategy": "ffa"}, {"strategy": "robust"})
+    assert overridden.strategy == "robust" and not overridden.freeze_a
+
+
+def test_pyproject_run_config_parses():
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    data = tomllib.loads((root / "pyproject.toml").read_text())
+    app = data["tool"]["flwr"]["app"]
+    assert app["components"]["serverapp"] == "server.server_app:app"
+    cfg = FlConfig.from_run_config(app["config"])
+    assert set(cfg.to_dict()) == set(app["config"])  # every key can be overridden by flwr run
