@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from common.errors import AdapterMismatch, ConfigError
+from edge_node.accel import LOADERS as ACCEL_LOADERS  # onnxruntime, tensorrt, cuda (issue 8)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def adapter_version_of(adapter: Path | None) -> str:
 BackendLoader = Callable[[str, "Path | None", str], EmbeddingBackend]
 
 # name in the node config -> loader(model_spec, adapter_dir, device). Issue 8 registers more.
-LOADERS: dict[str, BackendLoader] = {"torch": TorchBackend.load}
+LOADERS: dict[str, BackendLoader] = {"torch": TorchBackend.load, **ACCEL_LOADERS}
 
 
 def load_backend(

@@ -26,6 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--config", required=True, type=Path, help="node TOML file")
     check.set_defaults(func=_check_config)
 
+    from .export_cli import register_export  # `fedretrieve export` (issue 8)
+
+    register_export(subparsers)
+
 
 def _serve(args: argparse.Namespace) -> int:
     from .config import load_node_config

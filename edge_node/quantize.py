@@ -86,9 +86,19 @@ def quantize_export(
     symmetric: bool = False,
 ) -> dict[str, dict]:
     """Quantise the fp32 graphs in `root` in place; returns what was done, per tower, for
-    the manifest. Image: static when calibration crops are given, else dynamic."""
+    the manifest. Image: static when calibration crops are given, else dynamic.
+    `symmetric` (for TensorRT): the image graph gets explicit symmetric Q/DQ (calibration
+    crops required) and the text graph stays float, since TensorRT has no operator for
+    onnxruntime's dynamic quantisation; its engine is built in FP16."""
+    if symmetric and not calib_images:
+        raise ConfigError(
+            "TensorRT INT8 needs calibration crops for explicit Q/DQ scales: pass "
+            "--calib-data DIR (a few hundred of the node's gallery crops)"
+        )
     done: dict[str, dict] = {}
     for tower, name in graphs.items():
+        if symmetric and tower == "text":
+            continue
         src = root / name
         tmp = root / f"{src.stem}.int8.onnx"
         if tower == "image" and calib_images:
