@@ -291,3 +291,16 @@ def test_camera_filter_goes_only_to_the_nodes_holding_those_cameras(scripted_nod
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown camera id(s) ['cam-zz']" in err.value.details()
+
+
+def test_metrics_are_served_on_their_own_port(scripted_nodes, start_broker):
+    import urllib.request
+
+    (a,) = scripted_nodes(ScriptedNode("a", [(1, 0.5)]))
+    handle = start_broker(broker_config({"a": a.address}, metrics_port=0))
+    handle.stub.Search(request(), metadata=handle.auth(), timeout=10)
+    port = handle.broker.metrics_port
+    assert port and port != handle.port
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'fedretrieve_broker_query_seconds_count{merge="score"} 1.0' in body
+    assert 'fedretrieve_broker_node_outcomes_total{node="a",state="ok"} 1.0' in body

@@ -148,3 +148,14 @@ def test_parse_time_forms():
     assert parse_time("2024-05-01T12:00:00Z", flag="--since") == int(now.timestamp() * 1000)
     with pytest.raises(InvalidQuery, match="--until"):
         parse_time("soon", flag="--until")
+
+
+def test_broker_serve_with_a_bad_config_is_one_clear_line(tmp_path, capsys):
+    assert main(["broker", "serve", "--config", str(tmp_path / "missing.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "config file not found" in err and "Traceback" not in err
+    (tmp_path / "b.toml").write_text(
+        'listen = "127.0.0.1:0"\nmystery = 1\n[[nodes]]\nid="a"\naddress="h:1"\n'
+    )
+    assert main(["broker", "serve", "--config", str(tmp_path / "b.toml")]) == 2
+    assert "unknown key(s) mystery" in capsys.readouterr().err
