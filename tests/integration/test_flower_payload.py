@@ -1,0 +1,137 @@
+"""What a node sends and what it hands over, through the real ClientApp (no Ray, no network).
+
+The ClientApp is called the way a SuperNode calls it (Message + Context); the ServerApp's
+own helpers build the global adapter and the round config, so both sides of the contract
+are the shipped code.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
+
+from common.errors import AdapterMismatch, DatasetError
+from common.factory import create_model
+from common.lora import adapter_digest, get_adapter_state, lora_parameter_count
+from conftest import write_dataset
+from edge_node.client_app import build_client_app
+from edge_node.fl_task import NodeFlSettings, NodeTrainer, RoundPlan
+from edge_node.hotswap import latest_adapter
+from server.fl_config import FlConfig
+from server.server_app import build_global_adapter, payload_keys, round_config
+from server.strategies import UpdateSpec, build_strategy, check_update
+
+
+def _setup(tmp_path: Path, strategy: str):
+    data = write_dataset(tmp_path / "data")
+    cfg = FlConfig(
+        model="tiny", strategy=strategy, max_steps=2, batch_size=8, out_dir=str(tmp_path / "out")
+    )
+    peft = build_global_adapter(cfg)
+    template = get_adapter_state(peft)
+    keys = payload_keys(template, cfg.freeze_a)
+    initial = ArrayRecord({k: template[k] for k in keys})
+    digest = adapter_digest(template, [k for k in template if "lora_A" in k])
+    return data, cfg, peft, template, initial, digest
+
+
+def _message(content: RecordDict, message_type: str) -> Message:
+    meta = Metadata(
+        run_id=7,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=42,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type=message_type,
+    )
+    return Message(content, metadata=meta)
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=7, node_id=42, node_config=node_config, state=RecordDict(), run_config={})
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa"])
+def test_train_reply_carries_adapter_tensors_only(tmp_path, strategy):
+    data, cfg, peft, template, initial, digest = _setup(tmp_path, strategy)
+    config = round_config(cfg, digest)
+    config["server-round"] = 1
+    app = build_client_app()
+    msg = _message(RecordDict({"arrays": initial, "config": config}), "train")
+    reply = app(msg, _context({"data-path": str(data), "node-id": "node0", "threads": 1}))
+
+    assert not reply.has_error(), reply.error
+    (arrays,) = reply.content.array_records.values()
+    keys = list(arrays.keys())
+    assert set(keys) == set(initial.keys())
+    assert all(".lora_A." in k or ".lora_B." in k for k in keys)  # LoRA keys and nothing else
+    if strategy == "ffa":
+        assert all(".lora_B." in k for k in keys)
+    sent = sum(a.numpy().nbytes for a in arrays.values())
+    lora_b = sum(v.numel() for k, v in template.items() if ".lora_B." in k)
+    expected = lora_parameter_count(peft) if strategy == "fedavg" else lora_b
+    assert sent == expected * 4 == UpdateSpec.from_arrays(initial).nbytes
+    assert sent < 0.01 * create_model("tiny").num_parameters() * 4
+
+    metrics = next(iter(reply.content.metric_records.values()))
+    assert metrics["num-examples"] > 0 and "local-r1" in metrics
+    trained = arrays.to_torch_state_dict()
+    assert any(not torch.equal(trained[k], template[k]) for k in keys)  # it did train
+    # and the server's gate accepts it
+    strategy_obj = build_strategy(cfg, UpdateSpec.from_arrays(initial))
+    strategy_obj.begin_round(1, initial)
+    check_update(arrays, strategy_obj.spec, strategy_obj._global, max_norm=cfg.max_update_norm)
+
+
+def test_ffa_node_refuses_a_different_frozen_a(tmp_path):
+    data, cfg, _, _, initial, digest = _setup(tmp_path, "ffa")
+    plan = RoundPlan.from_config({**round_config(cfg, "0" * 64), "server-round": 1})
+    settings = NodeFlSettings.from_configs({"data-path": str(data), "node-id": "node1"}, {})
+    with pytest.raises(AdapterMismatch, match="frozen A"):
+        NodeTrainer().train_round(settings, plan, initial.to_torch_state_dict())
+    good = RoundPlan.from_config({**round_config(cfg, digest), "server-round": 1})
+    assert good.freeze_a and good.final is False
+
+
+def test_a_node_without_data_raises_a_named_error(tmp_path):
+    # The Flower runtime turns this into an error reply; the server logs it and the round
+    # goes on with the other nodes (tests/server/test_strategies.py, deployment test).
+    _, cfg, _, _, initial, digest = _setup(tmp_path, "ffa")
+    config = round_config(cfg, digest)
+    config["server-round"] = 1
+    msg = _message(RecordDict({"arrays": initial, "config": config}), "train")
+    with pytest.raises(DatasetError, match="missing"):
+        build_client_app()(msg, _context({"data-path": str(tmp_path / "missing")}))
+
+
+def test_handover_writes_a_loadable_adapter_the_daemon_picks(tmp_path):
+    data, cfg, _, _, initial, digest = _setup(tmp_path, "ffa")
+    rng = np.random.default_rng(0)
+    final = {k: torch.from_numpy(rng.normal(0, 0.01, v.shape).astype(np.float32))
+             for k, v in initial.to_torch_state_dict().items()}  # fmt: skip
+    config = round_config(cfg, digest)
+    config["server-round"] = cfg.num_server_rounds
+    adapter_dir = tmp_path / "adapters"
+    msg = _message(
+        RecordDict({"arrays": ArrayRecord(final), "config": config}), "evaluate.handover"
+    )
+    reply = build_client_app()(
+        msg, _context({"data-path": str(data), "node-id": "cam-3", "adapter-dir": str(adapter_dir)})
+    )
+    assert not reply.has_error(), reply.error
+    info = reply.content.config_records["node"]
+    assert info["node-name"] == "cam-3"
+    assert Path(info["adapter-path"]) == adapter_dir / "federated"
+    candidate = latest_adapter(adapter_dir)  # the node daemon's own discovery rule
+    assert candidate is not None and candidate.path == adapter_dir / "federated"
+    assert candidate.round == cfg.num_server_rounds
+    model = create_model("tiny", adapter=adapter_dir / "federated")
+    assert model.version == info["model-version"]
