@@ -2,10 +2,11 @@
 
 Why this shape: a node is killed without warning (power cut, OOM killer, SIGKILL), so the
 invariant is written into the order of operations. An image is validated, written to a
-temporary file, fsynced, renamed into place and its directory fsynced *before* its catalog
-row commits; an ingest is acknowledged only after that commit. So a catalog row always has
-its file, and an acknowledged image is never lost. A crash in between leaves at most an
-unreferenced file, which `Gallery.open` removes. Files are named by content hash, which also
+temporary file, renamed into place and flushed to disk (syncfs for a whole batch, else
+fsync of file and directory) *before* its catalog row commits; an ingest is acknowledged
+only after that commit. So a catalog row always has its file, and an acknowledged image is
+never lost. A crash in between leaves at most an unreferenced file, which opening the
+gallery removes. Files are named by content hash, which also
 makes ingest idempotent: a retried image gets its existing id back.
 
 The catalog is mirrored in memory (append-only) so searches can filter by camera and time
@@ -139,20 +140,48 @@ def check_image(item: IngestItem, limits: Limits) -> tuple[str, int, int]:
     return fmt, width, height
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """tmp + fsync + rename + fsync(dir): after return the file survives a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+def _syncfs_function():
+    """libc's syncfs (Linux): one flush for a whole batch instead of two fsyncs per file."""
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _syncfs_function()
+
+
+def write_files_durably(files: Sequence[tuple[Path, bytes]], root: Path) -> None:
+    """Write each (path, data) as tmp + rename; on return every file and its directory
+    entry are on disk (syncfs of the file system, or fsync of each file and directory)."""
+    per_file = _SYNCFS is None
+    for path, data in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if per_file:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    dirs = {path.parent for path, _ in files} if per_file else {root}
+    for folder in dirs:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            if per_file:
+                os.fsync(fd)
+            elif _SYNCFS(fd) != 0:
+                raise OSError(ctypes_errno(), f"syncfs failed on {root}")
+        finally:
+            os.close(fd)
+
+
+def ctypes_errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
 
 
 class Gallery:
@@ -248,8 +277,11 @@ class Gallery:
                     continue
                 seen[checksum] = i
                 rel = f"images/{checksum[:2]}/{checksum}.{FORMATS[fmt]}"
-                write_atomically(self.root / rel, item.data)  # file first, row second
                 pending.append((i, item, checksum, width, height, rel))
+            # files first (durably), rows second: a row never exists without its file
+            files = [(self.root / rel, item.data) for _, item, _, _, _, rel in pending if rel]
+            if files:
+                write_files_durably(files, self.images_dir)
             new = self._commit(pending, rejections)
             for i, rec in new:
                 outcomes[i] = IngestOutcome(rec.id, True, "")
