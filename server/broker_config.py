@@ -67,7 +67,8 @@ class BrokerConfig:
     listen: str = "127.0.0.1:50070"
     metrics_port: int | None = None  # Prometheus /metrics on its own port; 0: any free port
     model: str | None = None  # spec for common.factory.create_model; None: nodes encode text
-    adapter: str | None = None  # global adapter dir merged into `model`
+    adapter: str | None = None  # global adapter (or folder of adapters; newest wins)
+    adapter_poll_s: float = 10.0  # how often `adapter` is checked for a new one; 0: never
     operator_tokens: tuple[str, ...] = ()  # bearer tokens operators present
     allow_unauthenticated: bool = False  # must be set explicitly to run without tokens
     tls: TlsFiles | None = None  # listener TLS; `tls.ca` makes it mTLS
@@ -120,6 +121,8 @@ class BrokerConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"`{_kebab(name)}` must be positive, got {getattr(self, name)}")
+        if self.adapter_poll_s < 0:
+            raise ConfigError(f"`adapter-poll-s` must be >= 0, got {self.adapter_poll_s}")
         if self.merge_margin_ms < 0:
             raise ConfigError(f"`merge-margin-ms` must be >= 0, got {self.merge_margin_ms}")
         if self.default_k > self.max_k:

@@ -27,6 +27,7 @@ from protos import broker_pb2, broker_pb2_grpc
 from server.broker import Broker, TextEncoder, logfmt, new_query_id
 from server.broker_config import BrokerConfig
 from server.broker_metrics import BrokerMetrics
+from server.model_watch import ModelWatcher
 from server.registry import NodeRegistry
 
 log = logging.getLogger(__name__)
@@ -136,17 +137,6 @@ def server_options(config: BrokerConfig) -> list[tuple[str, Any]]:
     ]
 
 
-def load_encoder(config: BrokerConfig) -> TextEncoder | None:
-    """The global model the broker embeds queries with (None: nodes encode the text)."""
-    if config.model is None:
-        return None
-    from common.factory import create_model
-
-    model = create_model(config.model, adapter=config.adapter)
-    model.eval()
-    return model
-
-
 def create_server(
     config: BrokerConfig,
     *,
@@ -156,13 +146,18 @@ def create_server(
     """Build, bind and start the broker. Returns (server, bound port, broker).
 
     `encoder` overrides the configured model (tests pass a model they built); the default
-    loads `config.model` + `config.adapter` through `common.factory`. Stop with
+    loads `config.model` + the newest adapter at `config.adapter` through `common.factory`
+    and reloads it when a newer global adapter appears (server/model_watch.py). Stop with
     `stop_server(server, broker)`.
     """
-    model = load_encoder(config) if encoder == "from-config" else encoder
+    watcher = ModelWatcher(config, on_model=lambda model: broker.set_encoder(model))
+    model = watcher.load_initial() if encoder == "from-config" else encoder
     metrics = BrokerMetrics()
     registry = NodeRegistry(config)
     broker = Broker(config, registry, encoder=model, metrics=metrics)  # type: ignore[arg-type]
+    if encoder == "from-config":  # follow the global adapter as federated rounds finish
+        watcher.start()
+        broker.add_closer(watcher.close)
 
     interceptors = [OperatorAuth(config.operator_tokens)] if config.operator_tokens else []
     server = grpc.server(
