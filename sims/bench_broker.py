@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+MODES = ("broker_embeds", "node_encodes")  # who encodes the query text
 QUERY_PARTS = (
     ("a woman", "a man", "a young person", "an older man", "a girl"),
     (
@@ -180,6 +181,7 @@ def main(args: argparse.Namespace) -> int:
     from server.broker_daemon import create_server, stop_server
 
     torch.set_num_threads(1)
+    load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews latency
     counts = sorted({int(c) for c in str(args.nodes).split(",")})
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -204,72 +206,77 @@ def main(args: argparse.Namespace) -> int:
             channel = grpc.insecure_channel(f"127.0.0.1:{port}")
             brokers[mode] = (server, broker, channel, broker_pb2_grpc_stub(channel))
 
-        def through_broker(mode: str, node_ids: list[str]) -> tuple[list[float], float, float]:
-            stub = brokers[mode][3]
-            pids = [n["pid"] for n in nodes if n["id"] in node_ids]
-            for q in queries[:5]:  # warm-up
-                stub.Search(broker_pb2.BrokerSearchRequest(text=q, k=args.k, node_ids=node_ids))
-            cpu0, own0 = sum(cpu_seconds(p) for p in pids), time.process_time()
-            latencies = []
-            for q in queries:
-                t = time.perf_counter()
-                reply = stub.Search(
-                    broker_pb2.BrokerSearchRequest(text=q, k=args.k, node_ids=node_ids)
+        def broker_call(mode: str, q: str, node_ids: list[str]) -> float:
+            request = broker_pb2.BrokerSearchRequest(text=q, k=args.k, node_ids=node_ids)
+            t = time.perf_counter()
+            reply = brokers[mode][3].Search(request)
+            took = (time.perf_counter() - t) * 1000
+            if not reply.coverage.full:
+                raise RuntimeError(f"incomplete coverage in the benchmark: {reply.coverage}")
+            return took
+
+        def direct_call(node_id: str, kind: str, q: str) -> float:
+            request = node_pb2.SearchRequest(text=q, k=args.k)
+            if kind == "vector":
+                request.vector.CopyFrom(
+                    retrieval_pb2.QueryVector(values=vectors[q], model_version=model.version)
                 )
-                latencies.append((time.perf_counter() - t) * 1000)
-                if not reply.coverage.full:
-                    raise RuntimeError(f"incomplete coverage in the benchmark: {reply.coverage}")
-            node_cpu = (sum(cpu_seconds(p) for p in pids) - cpu0) / len(queries) * 1000
-            own_cpu = (time.process_time() - own0) / len(queries) * 1000
-            return latencies, node_cpu, own_cpu
+            t = time.perf_counter()
+            node_stubs[node_id].Search(request)
+            return (time.perf_counter() - t) * 1000
 
-        direct: dict[str, dict[str, dict]] = {}
-        for n in nodes:
-            with grpc.insecure_channel(f"127.0.0.1:{n['port']}") as channel:
-                stub = node_pb2_grpc.NodeServiceStub(channel)
-                direct[n["id"]] = {}
-                for kind in ("text", "vector"):
-                    latencies = []
-                    for i, q in enumerate([*queries[:5], *queries]):
-                        request = node_pb2.SearchRequest(text=q, k=args.k)
-                        if kind == "vector":
-                            request.vector.CopyFrom(
-                                retrieval_pb2.QueryVector(
-                                    values=vectors[q], model_version=model.version
-                                )
-                            )
-                        t = time.perf_counter()
-                        stub.Search(request)
-                        if i >= 5:
-                            latencies.append((time.perf_counter() - t) * 1000)
-                    direct[n["id"]][kind] = percentiles(latencies)
-
+        node_channels = {n["id"]: grpc.insecure_channel(f"127.0.0.1:{n['port']}") for n in nodes}
+        node_stubs = {i: node_pb2_grpc.NodeServiceStub(c) for i, c in node_channels.items()}
         results = []
         for count in counts:
             ids = [n["id"] for n in nodes[:count]]
+            pids = [n["pid"] for n in nodes[:count]]
             row: dict = {"nodes": count, "vectors_total": count * args.vectors}
-            for mode in ("broker_embeds", "node_encodes"):
-                latencies, node_cpu, own_cpu = through_broker(mode, ids)
+            # latency: every series interleaved query by query, so load drift hits all alike
+            series: dict[str, list[float]] = {}
+            for i, q in enumerate([*queries[:5], *queries]):
+                timings = {mode: broker_call(mode, q, ids) for mode in MODES}
+                for node_id in ids:
+                    for kind in ("text", "vector"):
+                        timings[f"{node_id}/{kind}"] = direct_call(node_id, kind, q)
+                if i >= 5:  # the first five warm up caches and connections
+                    for name, ms in timings.items():
+                        series.setdefault(name, []).append(ms)
+            # node CPU per query: one mode at a time, from the nodes' /proc counters
+            for mode in MODES:
+                cpu0, own0 = sum(cpu_seconds(p) for p in pids), time.process_time()
+                for q in queries:
+                    broker_call(mode, q, ids)
+                node_cpu = (sum(cpu_seconds(p) for p in pids) - cpu0) / len(queries) * 1000
+                own_cpu = (time.process_time() - own0) / len(queries) * 1000
                 row[mode] = {
-                    **percentiles(latencies),
+                    **percentiles(series[mode]),
                     "node_cpu_ms_per_query": round(node_cpu, 2),
                     "broker_process_cpu_ms_per_query": round(own_cpu, 2),
                 }
+            row["direct_per_node"] = {
+                f"{node_id}/{kind}": percentiles(series[f"{node_id}/{kind}"])
+                for node_id in ids
+                for kind in ("text", "vector")
+            }
             for kind in ("text", "vector"):
-                slowest = max(ids, key=lambda i, kind=kind: direct[i][kind]["p50_ms"])
-                row[f"direct_slowest_{kind}"] = {"node": slowest, **direct[slowest][kind]}
-            base = row["direct_slowest_text"]
-            row["ratio_broker_embeds_vs_direct_text"] = {
-                "p50": round(row["broker_embeds"]["p50_ms"] / base["p50_ms"], 2),
-                "p99": round(row["broker_embeds"]["p99_ms"] / base["p99_ms"], 2),
-            }
-            base = row["direct_slowest_vector"]
-            row["ratio_broker_embeds_vs_direct_vector"] = {
-                "p50": round(row["broker_embeds"]["p50_ms"] / base["p50_ms"], 2),
-                "p99": round(row["broker_embeds"]["p99_ms"] / base["p99_ms"], 2),
-            }
+                slowest = max(
+                    ids, key=lambda i, kind=kind: row["direct_per_node"][f"{i}/{kind}"]["p50_ms"]
+                )
+                row[f"direct_slowest_{kind}"] = {
+                    "node": slowest,
+                    **row["direct_per_node"][f"{slowest}/{kind}"],
+                }
+                base = row[f"direct_slowest_{kind}"]
+                row[f"ratio_broker_embeds_vs_direct_{kind}"] = {
+                    "p50": round(row["broker_embeds"]["p50_ms"] / base["p50_ms"], 2),
+                    "p99": round(row["broker_embeds"]["p99_ms"] / base["p99_ms"], 2),
+                }
+            row["load_average_1m"] = round(os.getloadavg()[0], 2)
             results.append(row)
             print_row(row)
+        for channel in node_channels.values():
+            channel.close()
     finally:
         for server, broker, channel, _stub in brokers.values():
             channel.close()
@@ -290,13 +297,13 @@ def main(args: argparse.Namespace) -> int:
             "cpu_cores": os.cpu_count(),
             "node_startup_s": round(startup_s, 1),
             "node_prepare_s": {n["id"]: n["prepare_s"] for n in nodes},
+            "load_average_1m_at_start": load_at_start,
             "note": (
                 "node indexes filled with random L2-normalised vectors (catalog rows are real, "
                 "one tiny image each); text encoding is real; every process on one machine; "
                 "queries sequential, one at a time"
             ),
         },
-        "direct_per_node": direct,
         "results": results,
     }
     out = Path(args.json_out)
