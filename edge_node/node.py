@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from common.errors import FedRetrieveError, InvalidQuery
 
 from .backends import EmbeddingBackend, load_backend
 from .config import NodeConfig
+from .domain import NodeStatus, ReindexState, SearchHit, SearchQuery, SearchResult, Thumbnail
 from .dropfolder import DropFolder
 from .gallery import Gallery, IngestItem, IngestOutcome
 from .hotswap import AdapterCandidate, latest_adapter, read_candidate
@@ -51,73 +52,6 @@ class Generation:
     @property
     def version(self) -> str:
         return self.backend.version
-
-
-@dataclass(frozen=True)
-class SearchQuery:
-    text: str = ""
-    vector: np.ndarray | None = None
-    vector_version: str = ""
-    k: int = 10
-    camera_ids: tuple[str, ...] = ()
-    since_ms: int = 0
-    until_ms: int = 0
-    query_id: str = ""
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    image_id: int
-    camera_id: str
-    timestamp_ms: int
-    score: float
-    file_name: str
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    hits: list[SearchHit]
-    model_version: str
-    adapter_version: str
-    gallery_size: int
-    vectors_searched: int
-    used_vector: bool
-    took_ms: float
-
-
-@dataclass(frozen=True)
-class Thumbnail:
-    jpeg: bytes
-    width: int
-    height: int
-    camera_id: str
-    timestamp_ms: int
-    file_name: str
-
-
-@dataclass
-class ReindexState:
-    running: bool = False
-    done: int = 0
-    total: int = 0
-    target_version: str = ""
-    last_error: str = ""  # why the last candidate adapter was refused
-
-
-@dataclass(frozen=True)
-class NodeStatus:
-    node_id: str
-    gallery_size: int
-    indexed: int
-    index_version: str
-    model_version: str
-    adapter_version: str
-    backend: str
-    backend_note: str
-    index_type: str
-    embed_dim: int
-    rejected_images: int
-    reindex: ReindexState = field(default_factory=ReindexState)
 
 
 class Node:

@@ -22,8 +22,9 @@ import numpy as np
 from common.errors import FedRetrieveError, status_code_for
 from protos import node_pb2, node_pb2_grpc, retrieval_pb2
 
+from .domain import SearchQuery, SearchResult
 from .gallery import IngestItem
-from .node import Node, SearchQuery, SearchResult
+from .node import Node
 
 log = logging.getLogger(__name__)
 

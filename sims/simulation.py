@@ -74,11 +74,11 @@ class BaselineSection:
 @dataclass(frozen=True)
 class SimConfig:
     seed: int = 0
-    data: DataSection = DataSection()
-    base: BaseSection = BaseSection()
-    federated: FederatedSection = FederatedSection()
-    baselines: BaselineSection = BaselineSection()
-    serving: ServingSettings = ServingSettings()
+    data: DataSection = field(default_factory=DataSection)
+    base: BaseSection = field(default_factory=BaseSection)
+    federated: FederatedSection = field(default_factory=FederatedSection)
+    baselines: BaselineSection = field(default_factory=BaselineSection)
+    serving: ServingSettings = field(default_factory=ServingSettings)
     serve: bool = True
 
 

@@ -292,7 +292,10 @@ def render_crop(
     """The final (H, W) crop as `style`'s camera records it (not yet JPEG-encoded)."""
     h, w = size
     big = (w * SUPERSAMPLE, h * SUPERSAMPLE)
-    scene = Image.fromarray(draw_background(style, (big[1], big[0]), rng))
+    # The background is drawn at output size (textures need no supersampling) and upscaled.
+    scene = Image.fromarray(draw_background(style, (h, w), rng)).resize(
+        big, Image.Resampling.NEAREST
+    )
     layer = Image.new("RGBA", big, (0, 0, 0, 0))
     hp = pose.height * big[1]
     cx = big[0] * (0.5 + pose.dx)

