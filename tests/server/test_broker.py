@@ -332,4 +332,5 @@ def test_grpcurl_lists_and_calls_the_broker_through_reflection(scripted_nodes, s
         timeout=60,
     )
     assert called.returncode == 0, called.stderr
-    assert json.loads(called.stdout)["hits"][0]["imageId"] == "4"
+    reply = json.loads(called.stdout)  # grpcurl prints the proto field names
+    assert reply["hits"][0]["image_id"] == "4" and reply["coverage"]["nodes_answered"] == 1
