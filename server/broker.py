@@ -320,9 +320,10 @@ class Broker:
         response = broker_pb2.BrokerSearchResponse(
             query_id=query_id, model_version=self.model_version, coverage=coverage
         )
-        if len(by_version) == 1:
+        if len(by_version) <= 1:  # zero: every selected node was skipped by camera routing
             response.merge = "score"
-            response.hits.extend(merge.merge_topk(next(iter(by_version.values())), k))
+            for lists in by_version.values():
+                response.hits.extend(merge.merge_topk(lists, k))
         else:
             response.merge = "rrf"
             response.coverage.degraded.append("mixed_model_versions")

@@ -334,3 +334,17 @@ def test_grpcurl_lists_and_calls_the_broker_through_reflection(scripted_nodes, s
     assert called.returncode == 0, called.stderr
     reply = json.loads(called.stdout)  # grpcurl prints the proto field names
     assert reply["hits"][0]["image_id"] == "4" and reply["coverage"]["nodes_answered"] == 1
+
+
+def test_camera_held_only_by_an_unselected_node_is_rejected_plainly(scripted_nodes, start_broker):
+    a, b = scripted_nodes(ScriptedNode("a", [(1, 0.5)]), ScriptedNode("b", [(2, 0.6)]))
+    handle = start_broker(broker_config({"a": a.address, "b": b.address}))
+    handle.broker.registry.check_all()
+    # cam-b exists, but only on b; asking node a alone for it skips a
+    with pytest.raises(grpc.RpcError) as err:
+        handle.stub.Search(
+            request(node_ids=["a"], filters=retrieval_pb2.Filters(camera_ids=["cam-b"])),
+            metadata=handle.auth(),
+            timeout=10,
+        )
+    assert "no selected node holds them" in err.value.details()  # said plainly, not empty
