@@ -122,6 +122,7 @@ def configure_logging(config: NodeConfig) -> None:
     formatter = KeyValueFormatter(config.node_id, config.log_format == "json")
     for handler in root.handlers:
         handler.setFormatter(formatter)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # CPU-feature probing chatter
 
 
 def serve(config: NodeConfig) -> int:

@@ -202,6 +202,7 @@ class Gallery:
         self._records: dict[int, ImageRecord] = {}
         self._by_checksum: dict[str, int] = {}
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._columns_lists: tuple[list[int], list[int], list[int]] = ([], [], [])
         self._camera_codes: dict[str, int] = {}
         self._listeners: list[Callable[[list[int]], None]] = []
         self._load()
@@ -241,7 +242,11 @@ class Gallery:
     def _remember(self, rec: ImageRecord) -> None:
         self._records[rec.id] = rec
         self._by_checksum[rec.checksum] = rec.id
-        self._camera_codes.setdefault(rec.camera_id, len(self._camera_codes))
+        code = self._camera_codes.setdefault(rec.camera_id, len(self._camera_codes))
+        ids, cams, stamps = self._columns_lists  # ids arrive ascending (AUTOINCREMENT)
+        ids.append(rec.id)
+        cams.append(code)
+        stamps.append(rec.timestamp_ms)
         self._arrays = None
 
     # ------------------------------------------------------------------ ingest
@@ -396,12 +401,7 @@ class Gallery:
         arrays = self._arrays
         if arrays is None:
             with self._lock:
-                recs = sorted(self._records.values(), key=lambda r: r.id)
-                arrays = (
-                    np.array([r.id for r in recs], dtype=np.int64),
-                    np.array([self._camera_codes[r.camera_id] for r in recs], dtype=np.int64),
-                    np.array([r.timestamp_ms for r in recs], dtype=np.int64),
-                )
+                arrays = tuple(np.array(col, dtype=np.int64) for col in self._columns_lists)
                 self._arrays = arrays
         return arrays
 

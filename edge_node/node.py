@@ -193,7 +193,8 @@ class Node:
     def status(self) -> NodeStatus:
         gen = self._active
         r = self._reindex
-        note = gen.backend.note or (f"last adapter refused: {r.last_error}" if r.last_error else "")
+        notes = [gen.backend.note, f"last adapter refused: {r.last_error}" if r.last_error else ""]
+        note = "; ".join(n for n in notes if n)
         return NodeStatus(
             node_id=self.config.node_id,
             gallery_size=len(self.gallery),

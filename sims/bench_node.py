@@ -76,7 +76,11 @@ def memory_mb() -> dict[str, float]:
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
             fields[key] = round(int(value.split()[0]) / 1024, 1)
-    return {"rss_mb": fields.get("VmRSS", 0.0), "peak_rss_mb": fields.get("VmHWM", 0.0)}
+    return {
+        "rss_mb": fields.get("VmRSS", 0.0),
+        "peak_rss_mb": fields.get("VmHWM", 0.0),
+        "loadavg_1m": round(os.getloadavg()[0], 1),  # other work on the machine, if any
+    }
 
 
 def _set_threads(threads: int) -> None:
