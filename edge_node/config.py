@@ -142,6 +142,7 @@ class NodeConfig:
     backend: str = "torch"
     device: str = "cpu"
     torch_threads: int = 0  # 0: leave torch's default
+    faiss_threads: int = 1  # OpenMP threads per faiss search (1 suits one query per call)
     drop_dir: Path | None = None  # folder a detector pipeline writes crops into
     drop_poll_s: float = 2.0
     drop_settle_s: float = 1.0  # a dropped file must be this old before it is read
@@ -180,6 +181,7 @@ class NodeConfig:
         )
         _require(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}", self.backend)
         _require(self.torch_threads >= 0, "torch-threads", "must be >= 0", self.torch_threads)
+        _require(self.faiss_threads >= 0, "faiss-threads", "must be >= 0", self.faiss_threads)
         for name in ("adapter_poll_s", "drop_poll_s"):
             _require(getattr(self, name) > 0, _kebab(name), "must be > 0", getattr(self, name))
         for name in ("drop_settle_s", "grace_s"):

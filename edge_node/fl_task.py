@@ -23,7 +23,9 @@ import torch
 from common.datasets import Record, load_records
 from common.errors import AdapterMismatch, ConfigError, DatasetError
 
-log = logging.getLogger(__name__)
+# A child of Flower's logger: these lines show wherever Flower's do (console, `flwr run
+# --stream`, `flwr log`), also in the ServerApp/ClientApp subprocesses of the deployment engine.
+log = logging.getLogger("flwr").getChild(__name__)
 
 HANDOVER_NAME = "federated"  # sub-directory of adapter-dir the final global adapter goes to
 
@@ -81,7 +83,7 @@ class NodeFlSettings:
             sim_out_dir=Path(str(sim_out)).expanduser() if sim_out else None,
             train_split=str(get("train-split", "train")),
             eval_split=str(get("eval-split", "test")),
-            threads=int(get("client-threads", get("threads", 1))),
+            threads=int(node_config.get("threads", run_config.get("client-threads", 1))),
             device=str(get("device", "cpu")),
         )
 

@@ -47,7 +47,8 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--queries", type=int, default=200, help="timed queries per mode")
     p.add_argument("--ingest-images", type=int, default=256, help="images for the ingest run")
     p.add_argument("-k", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2, help="torch and faiss threads")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--faiss-threads", type=int, default=1, help="faiss OpenMP threads")
     p.add_argument("--work", default="runs/bench_node", help="galleries and indexes (reused)")
     p.set_defaults(func=main)
 
@@ -83,12 +84,13 @@ def memory_mb() -> dict[str, float]:
     }
 
 
-def _set_threads(threads: int) -> None:
+def _set_threads(args: argparse.Namespace) -> None:
+    """As `fedretrieve node serve` does with torch-threads and faiss-threads."""
     import faiss
     import torch
 
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.faiss_threads)
 
 
 def _config(data_dir: Path, model: str, index_type: str = "flat"):
@@ -135,7 +137,7 @@ def run_search(args: argparse.Namespace) -> dict:
     from edge_node.node import Node
     from protos import node_pb2, node_pb2_grpc, retrieval_pb2
 
-    _set_threads(args.threads)
+    _set_threads(args)
     work = Path(args.work)
     gallery_dir = work / f"gallery-{args.size}"
     fill_s = _fill_gallery(gallery_dir, args.size)
@@ -229,7 +231,7 @@ def run_ingest(args: argparse.Namespace) -> dict:
     from edge_node.daemon import create_server, shutdown
     from protos import node_pb2, node_pb2_grpc
 
-    _set_threads(args.threads)
+    _set_threads(args)
     data_dir = Path(args.work) / "ingest-run"
     shutil.rmtree(data_dir, ignore_errors=True)
     config = _config(data_dir, args.model)
@@ -280,19 +282,20 @@ def _child(kind: str, **options) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    common = {"work": args.work, "threads": args.threads}
+    common = {"work": args.work, "threads": args.threads, "faiss-threads": args.faiss_threads}
     report: dict = {
         "command": (
             f"fedretrieve bench node --json {args.json_out} --models {args.models} "
             f"--sizes {args.sizes} --index-types {args.index_types} --queries {args.queries} "
-            f"--ingest-images {args.ingest_images} -k {args.k} --threads {args.threads}"
+            f"--ingest-images {args.ingest_images} -k {args.k} --threads {args.threads} "
+            f"--faiss-threads {args.faiss_threads}"
         ),
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "threads": args.threads,
+        "threads": {"torch": args.threads, "faiss": args.faiss_threads},
         "note": (
             "galleries are catalogued tiny images with random L2-normalised vectors of the "
             "model's dimension in the index (not embedded); queries are real text, encoded by "
@@ -358,6 +361,7 @@ def _child_main(argv: list[str]) -> int:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--faiss-threads", type=int, default=1)
     parser.add_argument("--work", default="runs/bench_node")
     args = parser.parse_args(argv)
     import logging
