@@ -24,7 +24,6 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 def register(subparsers: argparse._SubParsersAction) -> None:
     register_broker(subparsers)
     register_query(subparsers)
-    register_fl(subparsers)
 
 
 # ---------------------------------------------------------------- broker serve
@@ -170,11 +169,3 @@ def run_query(args: argparse.Namespace) -> int:
             )
             print(f"contact sheet: {args.sheet}{note}", file=sys.stderr)
     return 0
-
-
-# ---------------------------------------------------------------- fl (federated training)
-def register_fl(subparsers: argparse._SubParsersAction) -> None:
-    """`fedretrieve fl ...`: owned by the federated-training issue (server_app/strategies).
-
-    Add the `fl` subcommands here; keep their heavy imports inside their handlers.
-    """
