@@ -49,10 +49,11 @@ def test_int8_close_to_fp32_and_rank1_change_reported(spec, tmp_path):
     manifest = export_model(
         model, tmp_path / "int8", model_spec=spec, precision="int8", calib_images=crops[::2]
     )
-    assert manifest.quantization == {
-        "image": {"mode": "static", "calibration_images": len(crops[::2])},
-        "text": {"mode": "dynamic"},
-    }
+    # CNN image towers are calibrated (static); ViT towers and text towers are dynamic
+    image_mode = {"mode": "static", "calibration_images": len(crops[::2])}
+    if spec == "tiny-clip":
+        image_mode = {"mode": "dynamic"}
+    assert manifest.quantization == {"image": image_mode, "text": {"mode": "dynamic"}}
     backend = OrtBackend(tmp_path / "int8", model_version=model.version)
     ref_img, ref_txt = model.encode_images(crops).numpy(), model.encode_text(captions).numpy()
     got_img, got_txt = backend.encode_images(crops), backend.encode_text(captions)

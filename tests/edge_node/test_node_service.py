@@ -8,6 +8,8 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -260,3 +262,37 @@ def test_reflection_lists_and_calls_with_grpcurl(serve_node):
         [grpcurl, "-plaintext", target, "list"], capture_output=True, text=True, timeout=60
     )
     assert refused.returncode != 0 and "Unauthenticated" in refused.stderr
+
+
+def test_searches_stay_valid_while_ingest_and_embedding_run(serve_node):
+    served = serve_node()
+    items = gallery_items(40, cameras=2)
+    errors: list[Exception] = []
+    seen: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    def searcher() -> None:
+        while not stop.is_set():
+            try:
+                reply = search(served, text=QUERY, k=5)
+                seen.append((reply.gallery_size, reply.vectors_searched))
+                assert reply.vectors_searched <= reply.gallery_size
+                assert len(reply.hits) == min(5, reply.vectors_searched)
+            except (grpc.RpcError, AssertionError) as err:
+                errors.append(err)
+
+    thread = threading.Thread(target=searcher)
+    thread.start()
+    try:
+        for start in range(0, 40, 4):
+            served.stub.Ingest(
+                node_pb2.IngestRequest(images=items[start : start + 4]), metadata=AUTH
+            )
+        assert served.node.wait_indexed(60)
+        time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors[:3]
+    assert seen[-1] == (40, 40) and len(seen) > 10
+    assert [s for s, _ in seen] == sorted(s for s, _ in seen)  # the catalog only grows
