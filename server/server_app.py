@@ -26,7 +26,9 @@ from flwr.serverapp import Grid, ServerApp
 from server.fl_config import FlConfig
 from server.strategies import NODE_RECORD, RoundStats, UpdateSpec, build_strategy
 
-log = logging.getLogger(__name__)
+# A child of Flower's logger: these lines show wherever Flower's do (console, `flwr run
+# --stream`, `flwr log`), also in the ServerApp/ClientApp subprocesses of the deployment engine.
+log = logging.getLogger("flwr").getChild(__name__)
 
 HISTORY_FILE = "history.json"
 HANDOVER_MESSAGE_TYPE = "evaluate.handover"

@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
     from server.fl_config import FlConfig
 
-log = logging.getLogger(__name__)
+# A child of Flower's logger: these lines show wherever Flower's do (console, `flwr run
+# --stream`, `flwr log`), also in the ServerApp/ClientApp subprocesses of the deployment engine.
+log = logging.getLogger("flwr").getChild(__name__)
 
 NUM_EXAMPLES = "num-examples"
 NODE_RECORD = "node"  # ConfigRecord a node may add to its reply: {"node-name": "..."}

@@ -21,7 +21,6 @@ import pytest
 
 from common.adapters import read_manifest
 from common.factory import create_model
-from conftest import write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -55,8 +54,8 @@ def _http_api() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_supernodes_on_loopback_finish_a_run(tmp_path):
-    data = write_dataset(tmp_path / "data")
+def test_two_supernodes_on_loopback_finish_a_run(tmp_path, tiny_dataset):
+    data = tiny_dataset
     home, out = tmp_path / "flwr-home", tmp_path / "out"
     home.mkdir()
     env = {

@@ -18,7 +18,6 @@ from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 from common.errors import AdapterMismatch, DatasetError
 from common.factory import create_model
 from common.lora import adapter_digest, get_adapter_state, lora_parameter_count
-from conftest import write_dataset
 from edge_node.client_app import build_client_app
 from edge_node.fl_task import NodeFlSettings, NodeTrainer, RoundPlan
 from edge_node.hotswap import latest_adapter
@@ -27,8 +26,7 @@ from server.server_app import build_global_adapter, payload_keys, round_config
 from server.strategies import UpdateSpec, build_strategy, check_update
 
 
-def _setup(tmp_path: Path, strategy: str):
-    data = write_dataset(tmp_path / "data")
+def _setup(data: Path, tmp_path: Path, strategy: str):
     cfg = FlConfig(
         model="tiny", strategy=strategy, max_steps=2, batch_size=8, out_dir=str(tmp_path / "out")
     )
@@ -60,8 +58,8 @@ def _context(node_config: dict) -> Context:
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "ffa"])
-def test_train_reply_carries_adapter_tensors_only(tmp_path, strategy):
-    data, cfg, peft, template, initial, digest = _setup(tmp_path, strategy)
+def test_train_reply_carries_adapter_tensors_only(tmp_path, tiny_dataset, strategy):
+    data, cfg, peft, template, initial, digest = _setup(tiny_dataset, tmp_path, strategy)
     config = round_config(cfg, digest)
     config["server-round"] = 1
     app = build_client_app()
@@ -91,8 +89,8 @@ def test_train_reply_carries_adapter_tensors_only(tmp_path, strategy):
     check_update(arrays, strategy_obj.spec, strategy_obj._global, max_norm=cfg.max_update_norm)
 
 
-def test_ffa_node_refuses_a_different_frozen_a(tmp_path):
-    data, cfg, _, _, initial, digest = _setup(tmp_path, "ffa")
+def test_ffa_node_refuses_a_different_frozen_a(tmp_path, tiny_dataset):
+    data, cfg, _, _, initial, digest = _setup(tiny_dataset, tmp_path, "ffa")
     plan = RoundPlan.from_config({**round_config(cfg, "0" * 64), "server-round": 1})
     settings = NodeFlSettings.from_configs({"data-path": str(data), "node-id": "node1"}, {})
     with pytest.raises(AdapterMismatch, match="frozen A"):
@@ -101,10 +99,10 @@ def test_ffa_node_refuses_a_different_frozen_a(tmp_path):
     assert good.freeze_a and good.final is False
 
 
-def test_a_node_without_data_raises_a_named_error(tmp_path):
+def test_a_node_without_data_raises_a_named_error(tmp_path, tiny_dataset):
     # The Flower runtime turns this into an error reply; the server logs it and the round
     # goes on with the other nodes (tests/server/test_strategies.py, deployment test).
-    _, cfg, _, _, initial, digest = _setup(tmp_path, "ffa")
+    _, cfg, _, _, initial, digest = _setup(tiny_dataset, tmp_path, "ffa")
     config = round_config(cfg, digest)
     config["server-round"] = 1
     msg = _message(RecordDict({"arrays": initial, "config": config}), "train")
@@ -112,8 +110,8 @@ def test_a_node_without_data_raises_a_named_error(tmp_path):
         build_client_app()(msg, _context({"data-path": str(tmp_path / "missing")}))
 
 
-def test_handover_writes_a_loadable_adapter_the_daemon_picks(tmp_path):
-    data, cfg, _, _, initial, digest = _setup(tmp_path, "ffa")
+def test_handover_writes_a_loadable_adapter_the_daemon_picks(tmp_path, tiny_dataset):
+    data, cfg, _, _, initial, digest = _setup(tiny_dataset, tmp_path, "ffa")
     rng = np.random.default_rng(0)
     final = {k: torch.from_numpy(rng.normal(0, 0.01, v.shape).astype(np.float32))
              for k, v in initial.to_torch_state_dict().items()}  # fmt: skip
@@ -135,3 +133,21 @@ def test_handover_writes_a_loadable_adapter_the_daemon_picks(tmp_path):
     assert candidate.round == cfg.num_server_rounds
     model = create_model("tiny", adapter=adapter_dir / "federated")
     assert model.version == info["model-version"]
+
+
+def test_node_settings_prefer_the_node_config(tmp_path):
+    run_config = {"data-path": "/sim/data", "client-threads": 1, "out-dir": str(tmp_path)}
+    jetson = NodeFlSettings.from_configs(
+        {"data-path": "/data/gallery", "node-id": "gate-3", "threads": 6, "adapter-dir": "/a"},
+        run_config,
+    )
+    assert (jetson.data_path, jetson.threads, jetson.node_name) == (
+        Path("/data/gallery"),
+        6,
+        "gate-3",
+    )
+    assert jetson.partition is None and jetson.sim_out_dir is None
+    assert NodeTrainer().handover_dir(jetson) == Path("/a/federated")
+    virtual = NodeFlSettings.from_configs({"partition-id": 1, "num-partitions": 4}, run_config)
+    assert virtual.data_path == Path("/sim/data") and virtual.partition == (1, 4)
+    assert virtual.threads == 1 and virtual.sim_out_dir == tmp_path

@@ -8,14 +8,13 @@ import pytest
 
 from common.adapters import read_manifest
 from common.factory import create_model
-from conftest import write_dataset
 from sims.federated import run_federated
 
 
 @pytest.mark.slow
-def test_two_node_simulation_writes_loadable_adapters(tmp_path, monkeypatch):
+def test_two_node_simulation_writes_loadable_adapters(tmp_path, tiny_dataset, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    data = write_dataset(tmp_path / "data")
+    data = tiny_dataset
     out = tmp_path / "out"
     result = run_federated(
         data,
