@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from common.errors import AdapterMismatch, ConfigError
 from common.factory import create_model
-from edge_node.export import MANIFEST_FILE, export_model, export_onnx_graphs, open_export
+from edge_node.export import MANIFEST_FILE, export_model, open_export
 from edge_node.ort_backend import OrtBackend
 
 CAPTIONS = [
@@ -116,18 +116,6 @@ def test_tampered_or_foreign_directory_is_refused(exported, tmp_path):
     (bad / "image.onnx").write_bytes(b"garbage")
     with pytest.raises(AdapterMismatch, match="checksum"):
         open_export(bad)
-
-
-def test_dynamo_exporter_matches_torch(tmp_path):
-    """The torch.export-based exporter (opt-in) gives the same text graph (CLIP pooling)."""
-    import onnxruntime as ort
-
-    model = create_model("tiny-clip").eval()
-    graphs = export_onnx_graphs(model, tmp_path, exporter="dynamo", towers=("text",))
-    session = ort.InferenceSession(str(tmp_path / graphs["text"]))
-    tokens = model.text_tower.tokenize(CAPTIONS)
-    got = session.run(None, {k: v.numpy() for k, v in tokens.items()})[0]
-    assert _row_cos(got, model.encode_text(CAPTIONS).numpy()).min() >= 0.9999
 
 
 def test_bad_settings_name_the_field(tmp_path):
