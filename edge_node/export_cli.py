@@ -78,4 +78,10 @@ def _export(args: argparse.Namespace) -> int:
         f"{'; INT8 ' + quant if quant else ''}) to {args.out}: "
         + ", ".join(f"{t}={f}" for t, f in manifest.graphs.items())
     )
+    if manifest.format == "onnx" and manifest.precision == "fp32":
+        from edge_node.trt_backend import trtexec_commands
+
+        print("equivalent TensorRT FP16 engines on a Jetson (trtexec):")
+        for line in trtexec_commands(args.out, manifest):
+            print("  " + line)
     return 0

@@ -22,7 +22,7 @@ from PIL import Image
 
 from common.errors import ConfigError
 from common.preprocess import PreprocessCfg, to_batch
-from edge_node.export import OUTPUT, ExportManifest, open_export
+from edge_node.export import IMAGE_INPUTS, OUTPUT, TEXT_INPUTS, ExportManifest, open_export
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,31 @@ def _profile_shapes(name: str, manifest: ExportManifest) -> tuple[tuple, tuple, 
         return (1, 3, h, w), (b, 3, h, w), (b, 3, h, w)
     length = manifest.text_max_length
     return (1, 1), (b, min(32, length)), (b, length)
+
+
+def trtexec_commands(
+    export_dir: Path, manifest: ExportManifest, precision: str = "fp16"
+) -> list[str]:
+    """The trtexec lines that build (and time) the same engines as `build_engines` from
+    an ONNX export, for a Jetson where only the command-line tools are at hand."""
+    flags = {"fp32": "", "fp16": " --fp16", "int8": " --fp16 --int8"}[precision]
+    lines = []
+    for tower, graph in manifest.graphs.items():
+        names = IMAGE_INPUTS if tower == "image" else TEXT_INPUTS
+        shapes = []
+        for label, index in (("min", 0), ("opt", 1), ("max", 2)):
+            dims = ",".join(
+                f"{n}:{'x'.join(str(d) for d in _profile_shapes(n, manifest)[index])}"
+                for n in names
+            )
+            shapes.append(f"--{label}Shapes={dims}")
+        lines.append(
+            f"/usr/src/tensorrt/bin/trtexec --onnx={export_dir / graph} "
+            f"--saveEngine={export_dir / (tower + '.plan')}{flags} "
+            + " ".join(shapes)
+            + f" --memPoolSize=workspace:{WORKSPACE_BYTES >> 20}M"
+        )
+    return lines
 
 
 def build_engines(root: Path, manifest: ExportManifest) -> dict[str, str]:

@@ -126,3 +126,15 @@ def test_bad_settings_name_the_field(tmp_path):
         export_model(model, tmp_path / "x", model_spec="tiny", precision="fp16")
     assert not (tmp_path / "x").exists()
     assert list(tmp_path.iterdir()) == []  # no temporary directory left behind
+
+
+def test_trtexec_lines_match_the_engine_profiles(exported):
+    from edge_node.trt_backend import trtexec_commands
+
+    model, out, manifest = exported
+    image, text = trtexec_commands(out, manifest)
+    h, w = model.preprocess.size
+    assert f"--onnx={out / 'image.onnx'}" in image and " --fp16 " in image
+    assert f"--maxShapes=pixels:{manifest.max_batch}x3x{h}x{w}" in image
+    length = manifest.text_max_length
+    assert f"--maxShapes=input_ids:32x{length},attention_mask:32x{length}" in text
