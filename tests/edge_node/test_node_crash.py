@@ -136,7 +136,9 @@ def test_sigkill_during_ingest_loses_nothing_acknowledged(tmp_path: Path):
     assert all(r.accepted for r in reply.results)
     status = restarted.wait_indexed()
     assert status.gallery_size == 60
-    hits = restarted.stub.Search(node_pb2.SearchRequest(text="a person", k=100), metadata=AUTH)
+    hits = restarted.stub.Search(
+        node_pb2.SearchRequest(text="a person", k=100, query_id="q-after-crash"), metadata=AUTH
+    )
     assert hits.vectors_searched == 60 and len({h.image_id for h in hits.hits}) == 60
     assert restarted.stop(signal.SIGTERM) == 0  # graceful: in-flight calls done, index saved
 
@@ -151,4 +153,6 @@ def test_sigkill_during_ingest_loses_nothing_acknowledged(tmp_path: Path):
     )
     assert index is not None, "the index saved at SIGTERM must load for the same model version"
     assert sorted(index.id_array().tolist()) == [image_id for image_id, _, _ in rows]
-    assert "stopped cleanly" in (tmp_path / "daemon.log").read_text()
+    log = (tmp_path / "daemon.log").read_text()
+    assert "stopped cleanly" in log
+    assert "query_id=q-after-crash: search k=100 hits=60" in log  # structured, with the query id

@@ -296,3 +296,22 @@ def test_searches_stay_valid_while_ingest_and_embedding_run(serve_node):
     assert not errors, errors[:3]
     assert seen[-1] == (40, 40) and len(seen) > 10
     assert [s for s, _ in seen] == sorted(s for s, _ in seen)  # the catalog only grows
+
+
+def test_drop_folder_feeds_the_running_node(serve_node, tmp_path: Path):
+    drop = tmp_path / "drop"
+    served = serve_node(drop_dir=drop)
+    (drop / "door-2").mkdir(parents=True)
+    staged = drop / "door-2" / ".p7.jpg"  # a detector writes under a dot-name, then renames
+    staged.write_bytes(person_crop(7))
+    staged.rename(drop / "door-2" / "p7.jpg")
+    (drop / "door-2" / "junk.jpg").write_bytes(b"garbage")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = served.stub.Status(node_pb2.StatusRequest(), metadata=AUTH)
+        if status.indexed_size == 1 and status.rejected_images == 1:
+            break
+        time.sleep(0.1)
+    assert (status.gallery_size, status.indexed_size, status.rejected_images) == (1, 1, 1)
+    hit = search(served, text=QUERY, k=1, filters=retrieval_pb2.Filters(camera_ids=["door-2"]))
+    assert hit.hits[0].file_name == "p7.jpg" and hit.hits[0].camera_id == "door-2"
