@@ -11,7 +11,8 @@ cameras the node actually serves.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +46,23 @@ class CropCalibrationReader:
         self._pos = 0
 
 
+@contextmanager
+def _quiet_root_info() -> Iterator[None]:
+    """onnxruntime.quantization logs one INFO line per tensor on the root logger (hundreds
+    per graph); hold INFO back while it runs, then restore whatever was set before."""
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.INFO))
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def quantize_dynamic_graph(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False)
+    with _quiet_root_info():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False)
 
 
 def quantize_static_graph(
@@ -69,18 +83,19 @@ def quantize_static_graph(
 
     if not images:
         raise ConfigError("static INT8 quantisation needs calibration images (--calib-data)")
-    quantize_static(
-        str(src),
-        str(dst),
-        CropCalibrationReader(images, cfg),
-        quant_format=QuantFormat.QDQ if symmetric else QuantFormat.QOperator,
-        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=list(WEIGHTED_OPS) if symmetric else None,
-        calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
-    )
+    with _quiet_root_info():
+        quantize_static(
+            str(src),
+            str(dst),
+            CropCalibrationReader(images, cfg),
+            quant_format=QuantFormat.QDQ if symmetric else QuantFormat.QOperator,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=list(WEIGHTED_OPS) if symmetric else None,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+        )
 
 
 def is_convolutional(graph: Path) -> bool:
