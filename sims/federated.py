@@ -88,7 +88,8 @@ def run_federated(
     and hands the final adapter to OUT/nodes/<node>/adapters/federated/. `options` are
     further run-config keys in kebab-case (`local-epochs`, `lr`, `max-steps`,
     `proximal-mu`, `eval-data`, ...; see server/fl_config.py).
-    FLWR_HOME is set to OUT/.flwr unless already set, so nothing lands in the home dir.
+    FLWR_HOME is set to OUT/.flwr unless already set, so nothing lands in the home dir;
+    Ray's worker niceness to 0 unless set (RAY_worker_niceness).
     """
     from flwr.simulation import run_simulation
 
@@ -118,6 +119,9 @@ def run_federated(
     node_keys = ("data-path", "out-dir", "client-threads", "train-split", "eval-split")
     client_overrides = {k: overrides[k] for k in node_keys if k in overrides}
     os.environ.setdefault("FLWR_HOME", str(out / ".flwr"))
+    # Ray runs its workers at nice 15: on a shared machine the nodes would starve while the
+    # ServerApp thread (nice 0) waits for them. The simulation is the job; run it as such.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     backend_config = {
         # One actor using every core: on a small machine one node at a time is fastest
         # and keeps a single model copy in memory.
