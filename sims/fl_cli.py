@@ -57,7 +57,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    import logging
+
     from sims.federated import run_federated
+
+    # Flower's logger has its own console handler; without this every line prints twice
+    # (once more through the root handler `fedretrieve` installs).
+    logging.getLogger("flwr").propagate = False
 
     options = {
         "local-epochs": args.local_epochs,
