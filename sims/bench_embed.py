@@ -214,6 +214,11 @@ def _calibration_crops(rank_data: Path | None, limit: int = 64):
     return [load_image(r.image_path) for r in records[::step][:limit]]
 
 
+def _slug(spec: str) -> str:
+    """A folder name for a spec that may be a path (a pretrained model directory)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.strip("/"))[-80:]
+
+
 def _export(spec: str, work: Path, calib) -> tuple[dict, dict, int]:
     import torch
 
@@ -227,9 +232,12 @@ def _export(spec: str, work: Path, calib) -> tuple[dict, dict, int]:
         for precision in ("fp32", "int8"):
             t = time.perf_counter()
             export_model(
-                model, work / spec / f"onnx-{precision}", model_spec=spec, precision=precision,
+                model,
+                work / _slug(spec) / f"onnx-{precision}",
+                model_spec=spec,
+                precision=precision,
                 calib_images=calib if precision == "int8" else None,
-            )  # fmt: skip
+            )
             seconds[precision] = time.perf_counter() - t
     return seconds, model.preprocess.to_dict(), n_params
 
