@@ -157,6 +157,7 @@ def _build_dual(config: dict, name: str, source: Path | None) -> DualEncoder:
             img_cfg.get("widths", (32, 64, 128, 256)),
             img_cfg.get("depths", (1, 1, 1, 1)),
             img_cfg.get("groups", 8),
+            img_cfg.get("stem_stride", 1),
         )
     elif img_cfg["type"] == "hf":
         image_tower = HFImageTower(_hf_model(img_cfg, source))

