@@ -19,13 +19,17 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/fedretrieve demo --out $(OUT)
+	HF_HUB_OFFLINE=1 $(PY) -m sims.cli demo --out $(OUT)
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
 
+BENCH  ?= runs/bench
+
 bench: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/fedretrieve bench --json $(OUT)/bench.json
+	HF_HUB_OFFLINE=1 $(PY) -m sims.cli bench embed --json $(BENCH)/embed.json
+	HF_HUB_OFFLINE=1 $(PY) -m sims.cli bench node --json $(BENCH)/node.json
+	HF_HUB_OFFLINE=1 $(PY) -m sims.cli bench broker --json $(BENCH)/broker.json
 
 lint: setup
 	$(VENV)/bin/ruff check .
