@@ -219,6 +219,10 @@ def _slug(spec: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.strip("/"))[-80:]
 
 
+def export_dir(work: Path, spec: str, precision: str) -> Path:
+    return work / _slug(spec) / f"onnx-{precision}"
+
+
 def _export(spec: str, work: Path, calib) -> tuple[dict, dict, int]:
     import torch
 
@@ -233,7 +237,7 @@ def _export(spec: str, work: Path, calib) -> tuple[dict, dict, int]:
             t = time.perf_counter()
             export_model(
                 model,
-                work / _slug(spec) / f"onnx-{precision}",
+                export_dir(work, spec, precision),
                 model_spec=spec,
                 precision=precision,
                 calib_images=calib if precision == "int8" else None,
@@ -327,9 +331,7 @@ def main(args: argparse.Namespace) -> int:
             job = {
                 "spec": spec,
                 "backend": backend,
-                "export": str(
-                    work / spec / ("onnx-int8" if backend.endswith("int8") else "onnx-fp32")
-                ),
+                "export": str(export_dir(work, spec, "int8" if "int8" in backend else "fp32")),
                 "threads": args.threads,
                 "batches": batches,
                 "iters": iters,

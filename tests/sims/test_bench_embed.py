@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from sims.bench_embed import _slug, _summarise, sample_captions
+from sims.bench_embed import _slug, _summarise, export_dir, sample_captions
 
 
 def _run(per_s: float, emb: list, r1: float) -> dict:
@@ -32,3 +34,5 @@ def test_ratios_parity_and_rank_change_against_torch():
 def test_inputs_are_deterministic_and_paths_become_folder_names():
     assert sample_captions(5, seed=3) == sample_captions(5, seed=3)
     assert "/" not in _slug("/tmp/models/default-base")
+    work = Path("/w")
+    assert export_dir(work, "/tmp/models/base", "int8").parent.parent == work
