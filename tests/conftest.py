@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny models: a second thread costs more than it gives
 
 COLOURS = {
     "red": (200, 30, 30),
@@ -82,3 +82,10 @@ def write_dataset(
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def make_dataset():
+    """`write_dataset` for tests that need other sizes (no `import conftest`: with several
+    conftest.py files in the suite that name is ambiguous)."""
+    return write_dataset

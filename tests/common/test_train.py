@@ -15,12 +15,11 @@ from common.evaluate import evaluate
 from common.factory import create_model
 from common.lora import LoraSettings, attach_lora, get_adapter_state
 from common.train import TrainConfig, contrastive_loss, set_trainable, train
-from conftest import write_dataset
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory) -> list:
-    root = write_dataset(tmp_path_factory.mktemp("pool"), identities=20, test_ids=0)
+def pool(tmp_path_factory, make_dataset) -> list:
+    root = make_dataset(tmp_path_factory.mktemp("pool"), identities=20, test_ids=0)
     return load_records(root)
 
 
