@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Flower prints through its own handler; without this every line appears twice
+    logging.getLogger("flwr").propagate = False
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
