@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--identities", type=int, default=d.identities, help="target-domain people")
     p.add_argument("--source-identities", type=int, default=d.source_identities,
                    help="people in the neutral-camera `source` split (pre-training)")  # fmt: skip
+    p.add_argument("--source-images", type=int, default=d.source_images,
+                   help="crops per source identity")  # fmt: skip
     p.add_argument("--cameras", type=int, default=d.cameras, help="target cameras")
     p.add_argument("--nodes", type=int, default=d.nodes, help="edge nodes (disjoint cameras)")
     p.add_argument("--images-per-camera", type=int, default=d.images_per_camera,
@@ -66,6 +68,7 @@ def _synth(args: argparse.Namespace) -> int:
     cfg = SynthConfig(
         identities=args.identities,
         source_identities=args.source_identities,
+        source_images=args.source_images,
         cameras=args.cameras,
         nodes=args.nodes,
         images_per_camera=args.images_per_camera,

@@ -38,7 +38,8 @@ class SynthConfig:
     """Everything that determines the benchmark's bytes."""
 
     identities: int = 400  # target-domain people (train + test)
-    source_identities: int = 300  # neutral-camera people for pre-training the base model
+    source_identities: int = 1500  # neutral-camera people for pre-training the base model
+    source_images: int = 2  # crops per source identity, each on a different source camera
     cameras: int = 8  # target cameras, split into contiguous blocks over nodes
     nodes: int = 4
     images_per_camera: int = 2  # crops of one person on one camera visit
@@ -61,8 +62,10 @@ class SynthConfig:
                 f"need 1 <= `nodes` <= `cameras` (each node owns >= 1 camera), "
                 f"got nodes={self.nodes} cameras={self.cameras}"
             )
-        if self.images_per_camera < 1 or self.source_cameras < 1:
-            raise ConfigError("`images_per_camera` and `source_cameras` must be >= 1")
+        if min(self.images_per_camera, self.source_cameras, self.source_images) < 1:
+            raise ConfigError(
+                "`images_per_camera`, `source_cameras` and `source_images` must be >= 1"
+            )
         if len(self.size) != 2 or min(self.size) < 16:
             raise ConfigError(f"`size` must be (H, W) with both >= 16, got {self.size}")
         if self.shift not in SHIFT_LEVELS:
@@ -139,31 +142,34 @@ def plan(cfg: SynthConfig) -> Plan:
     homes = [node_names[i % len(node_names)] for i in prng.permutation(cfg.identities)]
     n_test = max(1, round(cfg.identities * cfg.test_fraction))
     test_ids = set(prng.permutation(cfg.identities)[:n_test].tolist())
-    people = []  # (person_id, split, home node or None, Identity, cameras)
+    people = []  # (person_id, split, home node or None, Identity, [(camera, images)])
     for pid in range(cfg.identities + cfg.source_identities):
         rng = _rng(cfg, _IDENTITY, pid)
         if pid < cfg.identities:
             home = homes[pid]
             ident = sample_identity(pid, rng, node_weights(node_names.index(home)))
             cams = _visits(cfg, home, nodes, rng)
+            shots = [(c, cfg.images_per_camera) for c in cams]
             split = "test" if pid in test_ids else "train"
         else:
             home, split = None, "source"
             ident = sample_identity(pid, rng, node_weights(None))
-            k = min(len(src_cams), int(rng.integers(2, 5)))
-            cams = [src_cams[i] for i in sorted(rng.choice(len(src_cams), k, replace=False))]
-        people.append((pid, split, home, ident, cams))
+            many = cfg.source_images > len(src_cams)
+            picks = Counter(rng.choice(len(src_cams), cfg.source_images, replace=many).tolist())
+            shots = [(src_cams[i], n) for i, n in sorted(picks.items())]
+            cams = [c for c, _ in shots]
+        people.append((pid, split, home, ident, shots))
         out.identities.append(
             {"id": pid, "split": split, "home_node": home, "cameras": cams, **ident.to_json()}
         )
 
     index = 0
-    for pid, split, _home, ident, cams in people:
+    for pid, split, _home, ident, shots in people:
         trng = _rng(cfg, _PLAN, 1 + pid)
         t = BASE_TIME_MS + int(trng.integers(0, 12 * 3600 * 1000))
-        for cam in cams:
+        for cam, n_images in shots:
             t += int(trng.integers(30_000, 600_000))  # walking to the next camera
-            for k in range(cfg.images_per_camera):
+            for k in range(n_images):
                 pose = sample_pose(_rng(cfg, _POSE, index))
                 rel = f"imgs/{split}/{cam}/{pid:05d}_{cam}_{k:02d}.jpg"
                 caps = write_captions(

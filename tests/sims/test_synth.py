@@ -91,6 +91,11 @@ def test_cameras_are_partitioned_over_nodes_and_identities_cross_nodes(bench):
             nodes[r["id"]].add(r["node"])
     lo, hi = SMALL["cameras_per_identity"]
     assert all(lo <= len(c) <= hi for c in cams.values())
+    source_cams = defaultdict(list)
+    for r in records:
+        if r["split"] == "source":
+            source_cams[r["id"]].append(r["camera"])
+    assert all(len(c) == len(set(c)) == 2 for c in source_cams.values())  # source_images=2
     assert any(len(n) > 1 for n in nodes.values())
 
 
