@@ -214,7 +214,8 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
             "eval-data": str(data_dir),
             "eval-split": "test",
             "seed": cfg.seed,
-            **fed.options,
+            # TOML keys arrive snake_cased; Flower's run config is kebab-case
+            **{k.replace("_", "-"): v for k, v in fed.options.items()},
         }
         federated[strategy] = run_federated(
             data_dir,
