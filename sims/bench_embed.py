@@ -304,6 +304,13 @@ def main(args: argparse.Namespace) -> int:
         work = args.work
         work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
+    if load_before[0] > (os.cpu_count() or 1) * 0.5:
+        print(
+            f"[bench embed] warning: load average {load_before[0]:.1f} on {os.cpu_count()} cores;"
+            " other work competes for the CPU (multi-threaded torch suffers most): figures "
+            "will be noisy. --threads 1 is steadier on a shared machine.",
+            flush=True,
+        )
     rank_data = args.rank_data
     if rank_data is None and args.rank_model in models:
         rank_data = _make_rank_data(work)
