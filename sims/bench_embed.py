@@ -35,6 +35,9 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--models", default="default,clip-b16", help="model specs (comma list)")
     p.add_argument("--batches", default="1,32", help="batch sizes (comma list)")
     p.add_argument("--iters", type=int, default=10, help="timed batches per measurement")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="passes over all backends; median per cell"
+    )
     p.add_argument("--large-iters", type=int, default=2, help="timed batches for CLIP-size models")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
     p.add_argument("--backends", default="", help="subset of backends (default: all available)")
@@ -253,6 +256,20 @@ def _min_cos(a: list, b: list) -> float:
     return float((a * b).sum(1).min())
 
 
+def merge_repeats(runs: list[dict]) -> dict:
+    """One backend's passes -> the first pass with each cell's median rate (and all rates)."""
+    merged = dict(runs[0])
+    rows = []
+    for i, row in enumerate(runs[0]["throughput"]):
+        rates = [run["throughput"][i]["per_s"] for run in runs]
+        median = float(np.median(rates))
+        rows.append({**row, "per_s": median, "ms_per_batch": 1000 * row["batch"] / median})
+        rows[-1]["per_s_passes"] = rates
+    merged["throughput"] = rows
+    merged["rss_mb"] = {k: max(run["rss_mb"][k] for run in runs) for k in runs[0]["rss_mb"]}
+    return merged
+
+
 def _summarise(runs: dict[str, dict], reference: str = "torch") -> dict:
     ref = runs[reference]
     base = {(r["tower"], r["batch"]): r["per_s"] for r in ref["throughput"]}
@@ -294,8 +311,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--backends must include torch and come from {available}; unknown: {unknown}"
         )
-    if not batches or min(batches) < 1 or args.iters < 1 or args.threads < 1:
-        raise ConfigError("--batches, --iters and --threads must be positive")
+    if not batches or min(batches) < 1 or min(args.iters, args.threads, args.repeats) < 1:
+        raise ConfigError("--batches, --iters, --threads and --repeats must be positive")
     tmp = None
     if args.work is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-embed-")
@@ -333,26 +350,30 @@ def main(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         export_s, preprocess, n_params = _export(spec, work, calib)
         iters = args.large_iters if n_params > 50_000_000 else args.iters
-        runs = {}
-        for backend in backends:
-            job = {
-                "spec": spec,
-                "backend": backend,
-                "export": str(export_dir(work, spec, "int8" if "int8" in backend else "fp32")),
-                "threads": args.threads,
-                "batches": batches,
-                "iters": iters,
-                "preprocess": preprocess,
-                "rank_data": str(rank_data) if rank_data and spec == args.rank_model else None,
-            }
-            print(f"[bench embed] {spec}: {backend} ...", flush=True)
-            runs[backend] = _run_child(job)
+        runs: dict[str, list[dict]] = {b: [] for b in backends}
+        for repeat in range(args.repeats):  # backends interleaved: a load spike hits one pass
+            for backend in backends:
+                job = {
+                    "spec": spec,
+                    "backend": backend,
+                    "export": str(export_dir(work, spec, "int8" if "int8" in backend else "fp32")),
+                    "threads": args.threads,
+                    "batches": batches,
+                    "iters": iters,
+                    "preprocess": preprocess,
+                    "rank_data": str(rank_data)
+                    if rank_data and spec == args.rank_model and repeat == 0
+                    else None,
+                }
+                print(f"[bench embed] {spec}: {backend} (pass {repeat + 1}) ...", flush=True)
+                runs[backend].append(_run_child(job))
         report["models"][spec] = {
             "parameters": n_params,
             "iters": iters,
             "export_s": export_s,
             "wall_s": time.perf_counter() - t,
-            "backends": _summarise(runs),
+            "repeats": args.repeats,
+            "backends": _summarise({b: merge_repeats(r) for b, r in runs.items()}),
         }
         _print_model(spec, report["models"][spec])
     report["machine"]["loadavg_after"] = os.getloadavg()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sims.bench_embed import _slug, _summarise, export_dir, sample_captions
+from sims.bench_embed import _slug, _summarise, export_dir, merge_repeats, sample_captions
 
 
 def _run(per_s: float, emb: list, r1: float) -> dict:
@@ -36,3 +36,12 @@ def test_inputs_are_deterministic_and_paths_become_folder_names():
     assert "/" not in _slug("/tmp/models/default-base")
     work = Path("/w")
     assert export_dir(work, "/tmp/models/base", "int8").parent.parent == work
+
+
+def test_repeats_take_the_median_rate_per_cell():
+    passes = [_run(r, [[1.0, 0.0]], 10.0) for r in (30.0, 10.0, 20.0)]
+    passes[1]["rss_mb"] = {"peak": 150.0}
+    merged = merge_repeats(passes)
+    assert merged["throughput"][0]["per_s"] == 20.0
+    assert merged["throughput"][0]["per_s_passes"] == [30.0, 10.0, 20.0]
+    assert merged["rss_mb"]["peak"] == 150.0
