@@ -244,12 +244,14 @@ def export_model(
     calib_images: Sequence[Image.Image] | None = None,
     opset: int = DEFAULT_OPSET,
     exporter: str = "torchscript",
+    quantize_text: bool = False,
     build_engines: Callable[[Path, ExportManifest], dict[str, str]] | None = None,
 ) -> ExportManifest:
     """Export `model` (adapter already merged) into `out_dir`, which appears whole or not
     at all (written in a temporary sibling, then renamed), so a node never loads half an
     export. INT8: the image graph is statically quantised on `calib_images` (gallery
-    crops) when given, dynamically otherwise; the text graph dynamically."""
+    crops) when given and convolutional, dynamically otherwise; the text graph stays fp32
+    unless `quantize_text` (it cost Rank-1 points; see edge_node.quantize)."""
     if fmt not in FORMATS:
         raise ConfigError(f"`format` must be one of {FORMATS}, got {fmt!r}")
     if precision not in PRECISIONS:
@@ -270,7 +272,12 @@ def export_model(
             from edge_node.quantize import quantize_export
 
             quant = quantize_export(
-                tmp, graphs, model.preprocess, calib_images, symmetric=(fmt == "tensorrt")
+                tmp,
+                graphs,
+                model.preprocess,
+                calib_images,
+                symmetric=(fmt == "tensorrt"),
+                text=quantize_text,
             )
         model.text_tower.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         manifest = ExportManifest(

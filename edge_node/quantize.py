@@ -153,13 +153,17 @@ def quantize_export(
     calib_images: Sequence[Image.Image] | None,
     *,
     symmetric: bool = False,
+    text: bool = False,
 ) -> dict[str, dict]:
     """Quantise the fp32 graphs in `root` in place; returns what was done, per tower, for
     the manifest. Image: static when calibration crops are given and the tower is
     convolutional, else dynamic.
     `symmetric` (for TensorRT): the image graph gets explicit symmetric Q/DQ (calibration
     crops required) and the text graph stays float, since TensorRT has no operator for
-    onnxruntime's dynamic quantisation; its engine is built in FP16."""
+    onnxruntime's dynamic quantisation; its engine is built in FP16.
+    `text`: also quantise the text graph (opt-in). Measured on the pretrained default base
+    (128 caption queries): INT8 image tower Rank-1 +0.0, INT8 text tower -2.3 points; the
+    gallery (image) side is where the time goes, one caption per query is cheap."""
     if symmetric and not calib_images:
         raise ConfigError(
             "TensorRT INT8 needs calibration crops for explicit Q/DQ scales: pass "
@@ -167,7 +171,7 @@ def quantize_export(
         )
     done: dict[str, dict] = {}
     for tower, name in graphs.items():
-        if symmetric and tower == "text":
+        if tower == "text" and (symmetric or not text):
             continue
         src = root / name
         tmp = root / f"{src.stem}.int8.onnx"

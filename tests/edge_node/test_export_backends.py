@@ -92,7 +92,8 @@ def test_export_command_writes_int8_with_calibration(tmp_path, capsys):
     out = tmp_path / "int8"
     argv = ["export", "--model", "tiny", "--out", str(out), "--precision", "int8"]
     assert main([*argv, "--calib-data", str(crops)]) == 0
-    assert "image static" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "image static" in printed and "text" not in printed.split("INT8")[1].split(")")[0]
     assert main([*argv, "--calib-data", str(tmp_path / "nope")]) == 2
     assert "--calib-data" in capsys.readouterr().err
 
