@@ -72,7 +72,7 @@ def make_camera_style(
 
     cast = params.get("cast", (1.0, 1.0, 1.0))
     kind = BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
-    bg = tuple(tuple(int(c) for c in rng.integers(40, 220, size=3)) for _ in range(3))
+    bg = tuple(_muted(rng) for _ in range(3))
     return CameraStyle(
         camera_id=camera_id,
         look=look,
@@ -105,7 +105,7 @@ def draw_background(
         colours = tuple(_jitter_colour(c, rng, 12) for c in colours)
     else:
         kind = BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
-        colours = tuple(tuple(int(c) for c in rng.integers(50, 210, size=3)) for _ in range(3))
+        colours = tuple(_muted(rng) for _ in range(3))
     y, x = np.mgrid[0:h, 0:w]
     wall = np.array(colours[0], np.float32)
     alt = np.array(colours[1], np.float32)
@@ -136,6 +136,12 @@ def draw_background(
     ground = np.array(colours[2], np.float32)
     img[horizon:] = ground + rng.normal(0.0, 6.0, size=(h - horizon, w, 1)).astype(np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _muted(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A street-scene colour: a grey level with a slight tint (walls, paving, grass, tiles)."""
+    grey = int(rng.integers(50, 200))
+    return tuple(int(np.clip(grey + t, 0, 255)) for t in rng.integers(-30, 31, size=3))
 
 
 def _jitter_colour(
