@@ -143,3 +143,53 @@ def load_adapter(
         peft_model.fedretrieve_lora = LoraSettings.from_spec(manifest.lora)
     peft_model.fedretrieve_manifest = manifest
     return peft_model
+
+
+# ------------------------------------------------------------------ which adapter is current
+@dataclass(frozen=True)
+class AdapterCandidate:
+    """A complete adapter found in a watched directory."""
+
+    path: Path
+    fingerprint: str  # adapter weights hash from the manifest
+    round: int  # -1 when the manifest has none
+    mtime_ns: int
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (str(self.path), self.fingerprint)
+
+
+def read_candidate(path: Path) -> AdapterCandidate | None:
+    """The candidate at `path`, or None if it is not (or no longer) a complete adapter."""
+    try:
+        mtime = (path / MANIFEST_FILE).stat().st_mtime_ns
+        manifest = read_manifest(path)
+    except (FileNotFoundError, AdapterMismatch):
+        return None
+    round_ = manifest.round if manifest.round is not None else -1
+    return AdapterCandidate(path, manifest.adapter_fingerprint, int(round_), mtime)
+
+
+def latest_adapter(adapter_dir: str | Path | None) -> AdapterCandidate | None:
+    """The adapter a watcher (node daemon, broker) should run: one rule for both.
+
+    `adapter_dir` is an adapter itself (replaced in place by `save_adapter`), or a folder of
+    adapters of which the newest wins: highest manifest round, then manifest mtime, then name.
+    Names starting with "." are staging copies and are ignored.
+    """
+    if adapter_dir is None:
+        return None
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        return None
+    if (adapter_dir / MANIFEST_FILE).exists():
+        return read_candidate(adapter_dir)
+    candidates = [
+        c
+        for sub in adapter_dir.iterdir()
+        if sub.is_dir() and not sub.name.startswith(".")
+        for c in [read_candidate(sub)]
+        if c is not None
+    ]
+    return max(candidates, key=lambda c: (c.round, c.mtime_ns, c.path.name)) if candidates else None

@@ -3,10 +3,9 @@
 After a federated round the global adapter changes and nodes hot-swap to it. If the broker
 kept embedding queries with the old model, no node would use its vectors (versions differ)
 and every node would encode the text itself again. So the broker watches its `adapter`
-path with the nodes' rule (edge_node/hotswap.py; restated here because server/ may not
-import edge_node/): the path is an adapter itself (it holds `fedretrieve_adapter.json`,
-replaced in place by `common.adapters.save_adapter`), or a folder of adapters of which the
-newest wins (highest manifest round, then manifest mtime, then name; names starting with
+path with the nodes' rule (`common.adapters.latest_adapter`): the path is an adapter
+itself (it holds `fedretrieve_adapter.json`, replaced in place by
+`common.adapters.save_adapter`), or a folder of adapters of which the newest wins (highest manifest round, then manifest mtime, then name; names starting with
 "." are staging copies and ignored). A candidate that fails to load is logged and not
 retried until it changes; the broker keeps serving with the model it has.
 """
@@ -16,59 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.adapters import latest_adapter
 from common.errors import FedRetrieveError
 from server.broker_config import BrokerConfig
 
 log = logging.getLogger(__name__)
-
-MANIFEST_FILE = "fedretrieve_adapter.json"
-
-
-@dataclass(frozen=True)
-class AdapterChoice:
-    path: Path
-    fingerprint: str  # adapter weights hash from the manifest
-    round: int  # -1 when the manifest has none
-    mtime_ns: int
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (str(self.path), self.fingerprint)
-
-
-def read_choice(path: Path) -> AdapterChoice | None:
-    """The adapter at `path`, or None when it is not (or not yet) a complete adapter."""
-    from common.adapters import read_manifest
-
-    try:
-        mtime = (path / MANIFEST_FILE).stat().st_mtime_ns
-        manifest = read_manifest(path)
-    except (FileNotFoundError, FedRetrieveError):
-        return None
-    round_ = manifest.round if manifest.round is not None else -1
-    return AdapterChoice(path, manifest.adapter_fingerprint, int(round_), mtime)
-
-
-def newest_adapter(path: Path | str | None) -> AdapterChoice | None:
-    if path is None:
-        return None
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    if (path / MANIFEST_FILE).exists():
-        return read_choice(path)
-    choices = [
-        choice
-        for sub in path.iterdir()
-        if sub.is_dir() and not sub.name.startswith(".")
-        for choice in [read_choice(sub)]
-        if choice is not None
-    ]
-    return max(choices, key=lambda c: (c.round, c.mtime_ns, c.path.name)) if choices else None
 
 
 def _create_model(spec: str, adapter: Path | None) -> Any:
@@ -101,7 +55,7 @@ class ModelWatcher:
         """The model to start with: base + newest adapter (base alone when none exists yet)."""
         if self.config.model is None:
             return None
-        choice = newest_adapter(self.config.adapter)
+        choice = latest_adapter(self.config.adapter)
         model = self._load(self.config.model, choice.path if choice else None)
         self._current = choice.key if choice else None
         if self.config.adapter and choice is None:
@@ -112,7 +66,7 @@ class ModelWatcher:
         """Swap in a newer global adapter if there is one; True when the model changed."""
         if self.config.model is None:
             return False
-        choice = newest_adapter(self.config.adapter)
+        choice = latest_adapter(self.config.adapter)
         if choice is None or choice.key == self._current or choice.key in self._refused:
             return False
         try:

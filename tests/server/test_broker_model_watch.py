@@ -8,11 +8,12 @@ import pytest
 import torch
 from broker_fixtures import ScriptedNode, broker_config
 
+from common.adapters import latest_adapter as newest_adapter
 from common.adapters import save_adapter
 from common.factory import create_model
 from common.lora import attach_lora
 from protos import broker_pb2
-from server.model_watch import ModelWatcher, newest_adapter
+from server.model_watch import ModelWatcher
 
 pytestmark = pytest.mark.timeout(120)
 
