@@ -3,11 +3,9 @@
 After a federated round the global adapter changes and nodes hot-swap to it. If the broker
 kept embedding queries with the old model, no node would use its vectors (versions differ)
 and every node would encode the text itself again. So the broker watches its `adapter`
-path with the nodes' rule (`common.adapters.latest_adapter`): the path is an adapter
-itself (it holds `fedretrieve_adapter.json`, replaced in place by
-`common.adapters.save_adapter`), or a folder of adapters of which the newest wins (highest manifest round, then manifest mtime, then name; names starting with
-"." are staging copies and ignored). A candidate that fails to load is logged and not
-retried until it changes; the broker keeps serving with the model it has.
+path with the nodes' own rule, `common.adapters.latest_adapter`. A candidate that fails to
+load is logged and not retried until it changes; the broker keeps serving with the model
+it has.
 """
 
 from __future__ import annotations
