@@ -202,7 +202,7 @@ def train(
         torch.manual_seed(cfg.seed)
         model.train()
         _freeze_batchnorm(model)
-        bar = tqdm(total=total, desc=desc, disable=not cfg.progress, leave=False)
+        bar = tqdm(total=total, desc=desc, disable=None if cfg.progress else True, leave=False)
         for _epoch in range(cfg.epochs):
             order = torch.randperm(len(pairs), generator=gen)
             epoch_loss, n = 0.0, 0

@@ -328,7 +328,11 @@ def _query_all(
     with ThreadPoolExecutor(settings.concurrency) as pool:
         answers = pool.map(one, range(len(queries)))
         for i, response, ms in tqdm(
-            answers, total=len(queries), desc="broker queries", disable=not progress, leave=False
+            answers,
+            total=len(queries),
+            desc="broker queries",
+            disable=None if progress else True,
+            leave=False,
         ):
             latencies[i] = ms
             full += int(response.coverage.full)
