@@ -42,7 +42,7 @@ class BaseSection:
     model: str = "default"  # config pretrained on the source split, or a ready model dir
     pretrain: bool = True  # False: use `model` as it is (e.g. a real CLIP)
     epochs: int = 6
-    lr: float = 2e-3
+    lr: float = 5e-4  # measured best for pretraining the CNN tower (docs/benchmark.md)
 
 
 @dataclass(frozen=True)
