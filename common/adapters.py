@@ -82,14 +82,15 @@ def save_adapter(
         for path in tmp.iterdir():
             with path.open("rb") as fh:
                 os.fsync(fh.fileno())
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
+    """Put the complete directory `src` at `dst`, never leaving `dst` half-written."""
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old")
         shutil.rmtree(old, ignore_errors=True)

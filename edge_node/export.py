@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from common.adapters import replace_dir
 from common.errors import AdapterMismatch, ConfigError
 
 MANIFEST_FILE = "fedretrieve_export.json"
@@ -303,7 +303,7 @@ def export_model(
             manifest = _replace(manifest, graphs=build_engines(tmp, manifest))
         manifest = _replace(manifest, files=_checksums(tmp))
         (tmp / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -328,17 +328,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def _tool_versions() -> dict[str, str]:
