@@ -151,3 +151,16 @@ def test_node_settings_prefer_the_node_config(tmp_path):
     virtual = NodeFlSettings.from_configs({"partition-id": 1, "num-partitions": 4}, run_config)
     assert virtual.data_path == Path("/sim/data") and virtual.partition == (1, 4)
     assert virtual.threads == 1 and virtual.sim_out_dir == tmp_path
+
+
+def test_pickled_trainer_is_the_process_trainer():
+    """Flower's Ray backend pickles the ClientApp for every message: the trainer (and its
+    model, image and caption caches) must come out as the process's instance, not a copy."""
+    import pickle
+
+    trainer = NodeTrainer()
+    trainer._data[("marker",)] = "cached"
+    clone = pickle.loads(pickle.dumps(trainer))
+    assert clone is trainer
+    assert clone._data[("marker",)] == "cached"
+    assert NodeTrainer().key != trainer.key  # two apps in one process stay separate
