@@ -78,9 +78,16 @@ def create_model(
         from safetensors.torch import load_file
 
         meta = json.loads((model_dir / MODEL_FILE).read_text())
-        missing, unexpected = model.load_state_dict(
-            load_file(model_dir / WEIGHTS_FILE), strict=False
-        )
+        try:
+            missing, unexpected = model.load_state_dict(
+                load_file(model_dir / WEIGHTS_FILE), strict=False
+            )
+        except RuntimeError as exc:  # shape mismatches: saved by a different model config
+            detail = str(exc).split("\n\t")[1:3]
+            raise UnknownModel(
+                f"{model_dir}: weights do not fit the saved config ({'; '.join(detail)}); "
+                "was it saved by a newer fedretrieve?"
+            ) from None
         if missing or unexpected:
             raise UnknownModel(
                 f"{model_dir}: weights do not fit the saved config "
@@ -158,6 +165,7 @@ def _build_dual(config: dict, name: str, source: Path | None) -> DualEncoder:
             img_cfg.get("depths", (1, 1, 1, 1)),
             img_cfg.get("groups", 8),
             img_cfg.get("stem_stride", 1),
+            img_cfg.get("stripes", 0),
         )
     elif img_cfg["type"] == "hf":
         image_tower = HFImageTower(_hf_model(img_cfg, source))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.errors import UnknownModel
-from common.factory import create_model, list_models, save_model
+from common.factory import CONFIG_DIR, create_model, list_models, save_model
 
 TINY = ["tiny", "tiny-clip", "tiny-dual-hf"]
 
@@ -62,6 +62,26 @@ def test_save_model_round_trip(tmp_path) -> None:
     assert torch.allclose(model.encode_text(texts), again.encode_text(texts), atol=1e-6)
     meta = json.loads((out / "fedretrieve_model.json").read_text())
     assert "weights" not in meta["spec"]["text"]  # self-contained: no external weights
+
+
+def test_stripe_pooling_widens_the_image_features(tmp_path) -> None:
+    spec = json.loads((CONFIG_DIR / "tiny.json").read_text())
+    spec["image"]["stripes"] = 2
+    (tmp_path / "striped.json").write_text(json.dumps(spec))
+    plain, striped = create_model("tiny"), create_model(tmp_path / "striped.json")
+    assert striped.image_tower.width == 2 * plain.image_tower.width  # (2 + 2) vs 2 pooled maps
+    px = torch.randn(2, 3, *plain.preprocess.size)
+    assert striped.image_tower(px).shape == (2, striped.image_tower.width)
+    assert torch.allclose(striped.encode_image(px).norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_weights_that_do_not_fit_the_config_fail_clearly(tmp_path) -> None:
+    out = save_model(create_model("tiny"), tmp_path / "base", name="tiny-base")
+    meta = json.loads((out / "fedretrieve_model.json").read_text())
+    meta["spec"]["image"]["stripes"] = 3  # e.g. saved by a version that pooled differently
+    (out / "fedretrieve_model.json").write_text(json.dumps(meta))
+    with pytest.raises(UnknownModel, match="weights do not fit the saved config.*image_proj"):
+        create_model(out)
 
 
 def test_unknown_specs_fail_clearly(tmp_path) -> None:
