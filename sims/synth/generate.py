@@ -28,6 +28,9 @@ from sims.synth.render import Pose, render_crop, sample_pose
 
 log = logging.getLogger(__name__)
 
+# Bump when the same SynthConfig would render different bytes (looks, renderer, captions):
+# cached datasets are keyed by it, so a stale one is never reused.
+GENERATOR_VERSION = 2  # 2: learnable coloured-light camera looks
 BASE_TIME_MS = 1_714_550_400_000  # 2024-05-01T08:00:00Z: all timestamps are after this
 # Seed purposes: each draws from its own stream, so adding one never shifts the others.
 _PLAN, _CAMERA, _IDENTITY, _POSE, _CAPTION, _RENDER = range(6)
@@ -235,6 +238,7 @@ def summarize(cfg: SynthConfig, p: Plan) -> dict:
                 home_hist[ident["home_node"]][attr][ident[attr]] += 1
     captions = [c for r in p.records for c in r["captions"]]
     return {
+        "generator_version": GENERATOR_VERSION,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
         "images": len(p.records),
         "images_per_split": dict(sorted(by_split.items())),
