@@ -49,6 +49,7 @@ class NodeFlSettings:
     eval_split: str = "test"
     threads: int = 1
     device: str = "cpu"
+    text_cache: Path | None = None  # a saved TextFeatureCache of the base model (speed only)
 
     def __post_init__(self) -> None:
         if not str(self.data_path).strip():
@@ -85,6 +86,7 @@ class NodeFlSettings:
             eval_split=str(get("eval-split", "test")),
             threads=int(node_config.get("threads", run_config.get("client-threads", 1))),
             device=str(get("device", "cpu")),
+            text_cache=Path(str(get("text-cache"))).expanduser() if get("text-cache") else None,
         )
 
 
@@ -236,12 +238,12 @@ class NodeTrainer:
             self._banks[key] = ImageBank(data.train + data.heldout, pre)
         return self._banks[key]
 
-    def _cache(self, model):
+    def _cache(self, model, settings: NodeFlSettings):
         from common.train import TextFeatureCache, core_model
 
         fingerprint = core_model(model).fingerprint
         if self._text_cache is None or self._text_cache.fingerprint != fingerprint:
-            self._text_cache = TextFeatureCache(fingerprint)
+            self._text_cache = TextFeatureCache.load(settings.text_cache, fingerprint)
         return self._text_cache
 
     def load_global(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]):
@@ -283,7 +285,7 @@ class NodeTrainer:
             device=settings.device,
             progress=False,
         )
-        bank, cache = self._bank(settings, data, model), self._cache(model)
+        bank, cache = self._bank(settings, data, model), self._cache(model, settings)
         result = train(model, data.train, cfg, reference=reference, text_cache=cache, bank=bank)
         state = get_adapter_state(model)
         payload = {k: state[k] for k in global_state}
@@ -318,7 +320,7 @@ class NodeTrainer:
         if not data.heldout:
             return {"num-examples": 0}
         model = self.load_global(plan, global_state)
-        bank, cache = self._bank(settings, data, model), self._cache(model)
+        bank, cache = self._bank(settings, data, model), self._cache(model, settings)
         metrics = evaluate(model, data.heldout, text_cache=cache, bank=bank)
         return {
             "num-examples": int(metrics.get("queries", len(data.heldout))),

@@ -39,6 +39,8 @@ class FlConfig:
     eval-split: split of the held-out set ("" disables server-side evaluation).
     lora-rank / lora-alpha: 0 means the model config's own values.
     max-steps: cap on local optimiser steps per round (0: no cap), for quick runs.
+    text-cache: a saved `TextFeatureCache` of the base model (captions already encoded by
+        the frozen text tower); the server and simulated nodes start from it. Speed only.
     """
 
     num_server_rounds: int = 3
@@ -69,6 +71,7 @@ class FlConfig:
     out_dir: str = "runs/fl"
     client_threads: int = 1
     server_threads: int = 0
+    text_cache: str = ""
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:

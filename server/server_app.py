@@ -153,7 +153,7 @@ class RoundRecorder:
         core = core_model(self.model)
         if self.bank is None:
             self.bank = ImageBank(self.records, core.preprocess)
-            self.text_cache = TextFeatureCache(core.fingerprint)
+            self.text_cache = TextFeatureCache.load(self.cfg.text_cache, core.fingerprint)
         metrics = evaluate(self.model, self.records, text_cache=self.text_cache, bank=self.bank)
         return MetricRecord({k: float(metrics[k]) for k in ("R1", "R5", "R10", "mAP", "mINP")})
 

@@ -116,7 +116,14 @@ def run_federated(
     from server.fl_config import FlConfig
 
     FlConfig.from_run_config({}, overrides)  # fail here, not inside a thread, on a bad key
-    node_keys = ("data-path", "out-dir", "client-threads", "train-split", "eval-split")
+    node_keys = (
+        "data-path",
+        "out-dir",
+        "client-threads",
+        "train-split",
+        "eval-split",
+        "text-cache",
+    )
     client_overrides = {k: overrides[k] for k in node_keys if k in overrides}
     os.environ.setdefault("FLWR_HOME", str(out / ".flwr"))
     # Ray runs its workers at nice 15: on a shared machine the nodes would starve while the

@@ -88,6 +88,15 @@ def load_sim_config(path: str | Path | None) -> SimConfig:
 
 
 # --------------------------------------------------------------------------- data
+def _lora_touches_text(model) -> bool:
+    """Whether the model config's LoRA adapts the text tower (then caption features change
+    while training and there is nothing to share between stages)."""
+    from common.lora import LoraSettings
+
+    targets = LoraSettings.from_spec(model.spec.get("lora")).targets
+    return any(t.startswith("text") or not t.startswith("image") for t in targets)
+
+
 def prepare_data(section: DataSection, out: Path, cache_dir: Path) -> Path:
     """A dataset directory in our layout with `node` on every record."""
     if not section.path:
@@ -201,6 +210,12 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
     text_cache = TextFeatureCache(base.fingerprint)
     test_bank = ImageBank(test_recs, base.preprocess)
     zero_shot = evaluate(base, test_recs, text_cache=text_cache, bank=test_bank)
+    text_cache_file = ""
+    if not _lora_touches_text(base):
+        # every later stage (Flower server, the node actor, the baselines) needs the same
+        # frozen-tower caption features: encode them once here and share them via a file
+        text_cache.get(base, [c for r in train_recs for c in r.captions])
+        text_cache_file = str(text_cache.save(out / "text-features.pt"))
     stage("zero_shot", t0)
 
     fed = cfg.federated
@@ -214,6 +229,7 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
             "eval-data": str(data_dir),
             "eval-split": "test",
             "seed": cfg.seed,
+            "text-cache": text_cache_file,
             # TOML keys arrive snake_cased; Flower's run config is kebab-case
             **{k.replace("_", "-"): v for k, v in fed.options.items()},
         }

@@ -14,7 +14,7 @@ from common.errors import ConfigError
 from common.evaluate import evaluate
 from common.factory import create_model
 from common.lora import LoraSettings, attach_lora, get_adapter_state
-from common.train import TrainConfig, contrastive_loss, set_trainable, train
+from common.train import TextFeatureCache, TrainConfig, contrastive_loss, set_trainable, train
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +152,24 @@ def test_cli_train_then_eval(tiny_dataset: Path, tmp_path: Path, capsys) -> None
     # a user error is a clean message and exit code 2, not a traceback
     assert main(["eval", "--data", str(tmp_path / "missing"), "--model", "tiny"]) == 2
     assert "dataset not found" in capsys.readouterr().err
+
+
+def test_text_feature_cache_round_trips_through_a_file(tmp_path: Path) -> None:
+    model = create_model("tiny")
+    captions = ["a man in a red coat", "a woman with a black backpack", "grey jeans"]
+    cache = TextFeatureCache(model.fingerprint)
+    expected = cache.get(model, captions)
+    path = cache.save(tmp_path / "text.pt")
+
+    again = TextFeatureCache.load(path, model.fingerprint)
+    assert set(again.features) == set(captions)
+    assert torch.equal(again.get(model, captions), expected)  # served from the file
+    with torch.no_grad():
+        fresh = model.eval().text_backbone(captions)  # eval: no dropout, as the cache encodes
+    assert torch.allclose(fresh, expected, atol=1e-5)
+
+    # another base model, a missing file or a corrupt one: an empty cache, never an error
+    assert TextFeatureCache.load(path, "another-model").features == {}
+    assert TextFeatureCache.load(tmp_path / "missing.pt", model.fingerprint).features == {}
+    (tmp_path / "bad.pt").write_bytes(b"not a torch file")
+    assert TextFeatureCache.load(tmp_path / "bad.pt", model.fingerprint).features == {}
