@@ -125,29 +125,45 @@ def write_results_csv(
 
 
 def write_contact_sheet(
-    response: broker_pb2.BrokerSearchResponse, client, path: str | Path
+    response: broker_pb2.BrokerSearchResponse,
+    client,
+    path: str | Path,
+    *,
+    title: str = "",
+    correct: Sequence[bool] | None = None,
 ) -> list[str]:
     """Fetch each hit's thumbnail through the broker and tile them with captions.
 
-    Returns the hits whose thumbnail could not be fetched (drawn as a grey tile saying
-    why), so the caller can report them; the sheet is written either way.
+    `title` (the query) is written above the tiles; `correct`, where ground truth is known
+    (the simulation), frames each hit green or red so a reader sees at a glance what the
+    model got right. Returns the hits whose thumbnail could not be fetched (drawn as a grey
+    tile saying why), so the caller can report them; the sheet is written either way.
     """
+    import textwrap
+
     from PIL import Image, ImageDraw, ImageFont
 
     hits: Sequence = response.hits
     if not hits:
         raise FedRetrieveError("no hits to draw: the contact sheet would be empty")
+    if correct is not None and len(correct) != len(hits):
+        raise ValueError(f"`correct` has {len(correct)} entries for {len(hits)} hits")
     font = ImageFont.load_default()
     line_h = 12
     text_h = 3 * line_h + 4
     cols = min(COLUMNS, len(hits))
     rows = (len(hits) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * (TILE + 8) + 8, rows * (TILE + text_h + 8) + 8), "white")
+    width = cols * (TILE + 8) + 8
+    header = textwrap.wrap(title, max(20, width // 7)) if title else []
+    top = 8 + len(header) * line_h + (4 if header else 0)
+    sheet = Image.new("RGB", (width, top + rows * (TILE + text_h + 8)), "white")
     draw = ImageDraw.Draw(sheet)
+    for j, line in enumerate(header):
+        draw.text((8, 8 + j * line_h), line, fill="black", font=font)
     missing = []
     for i, hit in enumerate(hits):
         x = 8 + (i % cols) * (TILE + 8)
-        y = 8 + (i // cols) * (TILE + text_h + 8)
+        y = top + (i // cols) * (TILE + text_h + 8)
         try:
             thumb = client.thumbnail(hit.node_id, hit.image_id, max_side=TILE)
             img = Image.open(io.BytesIO(thumb.jpeg)).convert("RGB")
@@ -157,6 +173,9 @@ def write_contact_sheet(
             missing.append(f"{hit.node_id}/{hit.image_id}: {err}")
             draw.rectangle([x, y, x + TILE - 1, y + TILE - 1], fill=(200, 200, 200))
             draw.text((x + 4, y + TILE // 2 - 6), "unavailable", fill="black", font=font)
+        if correct is not None:
+            colour = (0, 150, 0) if correct[i] else (200, 0, 0)
+            draw.rectangle([x - 3, y - 3, x + TILE + 2, y + TILE + 2], outline=colour, width=3)
         label = [f"#{i + 1}  {hit.score:.4f}", hit.node_id[:20], (hit.camera_id or "-")[:20]]
         for j, line in enumerate(label):
             draw.text((x, y + TILE + 2 + j * line_h), line, fill="black", font=font)

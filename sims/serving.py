@@ -276,7 +276,12 @@ def run_serving(
                     text=emb.query_texts[q], k=settings.sheet_k, deadline_ms=settings.deadline_ms
                 )
                 path = out / f"sheet-{len(sheets) + 1}.png"
-                write_contact_sheet(client.search(request), client, path)
+                response = client.search(request)
+                truth = emb.query_ids[q]
+                where = {key: j for j, key in enumerate(keys)}
+                correct = [emb.gallery_ids[where[h.file_name]] == truth for h in response.hits]
+                title = f'query: "{emb.query_texts[q]}"  (green frame: the person described)'
+                write_contact_sheet(response, client, path, title=title, correct=correct)
                 sheets.append(str(path))
         broker_log.setLevel(level)
         result.swap_seconds = swap_seconds

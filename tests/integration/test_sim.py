@@ -63,3 +63,14 @@ def test_federated_result_is_the_final_round(mini_report) -> None:
     report = mini_report[0]
     last = report["rounds"][-1]
     assert all(report["methods"]["federated"][k] == last[k] for k in ("R1", "mAP"))
+
+
+def test_contact_sheet_marks_hits_against_ground_truth(mini_report) -> None:
+    """Each sheet query is titled and every hit framed green (the person described) or red."""
+    from PIL import Image
+
+    _, out = mini_report
+    sheet = Image.open(out / "contact_sheet.png").convert("RGB")
+    colours = {c for _, c in sheet.getcolors(maxcolors=1 << 20)}
+    # 8 hits per query, and no person has 8 test crops in the mini gallery: some are wrong
+    assert (200, 0, 0) in colours
