@@ -31,19 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sims.bench_common import percentiles, sample_captions
+
 MODES = ("broker_embeds", "node_encodes")  # who encodes the query text
-QUERY_PARTS = (
-    ("a woman", "a man", "a young person", "an older man", "a girl"),
-    (
-        "in a red jacket",
-        "wearing a blue shirt",
-        "in a green coat",
-        "in a white t-shirt",
-        "in black",
-    ),
-    ("and dark trousers", "with jeans", "and a grey skirt", "with shorts", "and brown shoes"),
-    ("carrying a backpack", "holding a phone", "with a yellow bag", "", "wearing a cap"),
-)
 
 
 def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
@@ -56,25 +46,6 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="default", help="model spec on broker and nodes")
     p.add_argument("--work", default="runs/bench_broker", help="node data dirs (reused)")
     p.set_defaults(func=main)
-
-
-def captions(n: int) -> list[str]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        words = [part[int(rng.integers(len(part)))] for part in QUERY_PARTS]
-        out.append(" ".join(w for w in words if w))
-    return out
-
-
-def percentiles(ms: list[float]) -> dict[str, float]:
-    arr = np.asarray(ms)
-    return {
-        "p50_ms": round(float(np.percentile(arr, 50)), 2),
-        "p99_ms": round(float(np.percentile(arr, 99)), 2),
-        "mean_ms": round(float(arr.mean()), 2),
-        "n": len(ms),
-    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -190,7 +161,7 @@ def main(args: argparse.Namespace) -> int:
     nodes = start_nodes(max(counts), work, args.vectors, args.model)
     startup_s = time.perf_counter() - t0
     model = create_model(args.model)
-    queries = captions(args.queries)
+    queries = sample_captions(args.queries)
     vectors = {q: model.encode_text([q])[0].tolist() for q in queries}
     config = BrokerConfig(
         nodes=tuple(NodeEntry(id=n["id"], address=f"127.0.0.1:{n['port']}") for n in nodes),

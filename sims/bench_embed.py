@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sims.bench_common import sample_captions
+
 # onnxruntime-int8: INT8 image tower, fp32 text (what `--precision int8` exports);
 # onnxruntime-int8-text: both towers INT8 (`--int8-text`)
 CPU_BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "onnxruntime-int8-text")
@@ -51,17 +53,6 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------------- inputs
-def sample_captions(n: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    parts = (
-        ("a man", "a woman", "a young person", "an older man", "a girl"),
-        ("in a red jacket", "wearing a blue shirt", "in a white t-shirt", "in black"),
-        ("and dark trousers", "with jeans", "and a grey skirt", "with shorts"),
-        ("carrying a backpack", "holding a phone", "with a yellow bag", "wearing a cap", ""),
-    )
-    return [" ".join(p[int(rng.integers(len(p)))] for p in parts).strip() for _ in range(n)]
-
-
 def sample_crops(n: int, size: tuple[int, int], seed: int = 0):
     """Person-like crops (coloured blocks + noise): realistic activation ranges for INT8."""
     from PIL import Image

@@ -32,10 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-SUBJECTS = ("a woman", "a man", "a young person", "an older man", "a girl")
-TOPS = ("in a red jacket", "wearing a blue shirt", "in a green coat", "in a white t-shirt")
-BOTTOMS = ("and dark trousers", "with jeans", "and a grey skirt", "with shorts")
-EXTRAS = ("carrying a backpack", "holding a phone", "with a yellow bag", "", "wearing a cap")
+from sims.bench_common import percentiles, sample_captions
 
 
 def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
@@ -51,24 +48,6 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--faiss-threads", type=int, default=1, help="faiss OpenMP threads")
     p.add_argument("--work", default="runs/bench_node", help="galleries and indexes (reused)")
     p.set_defaults(func=main)
-
-
-def captions(n: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    parts = (SUBJECTS, TOPS, BOTTOMS, EXTRAS)
-    return [
-        " ".join(w for w in (p[int(rng.integers(len(p)))] for p in parts) if w) for _ in range(n)
-    ]
-
-
-def percentiles(ms: list[float]) -> dict[str, float]:
-    arr = np.asarray(ms)
-    return {
-        "p50_ms": round(float(np.percentile(arr, 50)), 2),
-        "p99_ms": round(float(np.percentile(arr, 99)), 2),
-        "mean_ms": round(float(arr.mean()), 2),
-        "n": len(ms),
-    }
 
 
 def memory_mb() -> dict[str, float]:
@@ -164,7 +143,7 @@ def run_search(args: argparse.Namespace) -> dict:
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = node_pb2_grpc.NodeServiceStub(channel)
-    texts = captions(args.queries + 10)
+    texts = sample_captions(args.queries + 10)
     vectors = gen.backend.encode_text(texts)
     result: dict = {
         "model": args.model,

@@ -1,0 +1,32 @@
+"""What the benchmarks share: the operator-style query captions and latency percentiles.
+
+One caption generator for every benchmark, so their text-encoding figures are measured on
+the same kind of query and can be compared.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QUERY_PARTS = (
+    ("a man", "a woman", "a young person", "an older man", "a girl"),
+    ("in a red jacket", "wearing a blue shirt", "in a white t-shirt", "in black"),
+    ("and dark trousers", "with jeans", "and a grey skirt", "with shorts"),
+    ("carrying a backpack", "holding a phone", "with a yellow bag", "wearing a cap", ""),
+)
+
+
+def sample_captions(n: int, seed: int = 0) -> list[str]:
+    """`n` queries like "a woman in a red jacket with jeans carrying a backpack", seeded."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(p[int(rng.integers(len(p)))] for p in QUERY_PARTS).strip() for _ in range(n)]
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    arr = np.asarray(ms)
+    return {
+        "p50_ms": round(float(np.percentile(arr, 50)), 2),
+        "p99_ms": round(float(np.percentile(arr, 99)), 2),
+        "mean_ms": round(float(arr.mean()), 2),
+        "n": len(ms),
+    }
