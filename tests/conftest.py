@@ -89,3 +89,26 @@ def make_dataset():
     """`write_dataset` for tests that need other sizes (no `import conftest`: with several
     conftest.py files in the suite that name is ambiguous)."""
     return write_dataset
+
+
+def _write_adapter(out: Path, round_: int, seed: int = 1) -> str:
+    """A tiny-model LoRA adapter whose B is perturbed, so its version and embeddings really
+    change; returns the model version it serves."""
+    from common.adapters import save_adapter
+    from common.factory import create_model
+    from common.lora import attach_lora
+
+    peft_model = attach_lora(create_model("tiny"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    return save_adapter(peft_model, out, round=round_).model_version
+
+
+@pytest.fixture(scope="session")
+def write_adapter():
+    """`_write_adapter(out, round_, seed=1) -> model version`, for the hot-swap tests of the
+    node and the broker."""
+    return _write_adapter

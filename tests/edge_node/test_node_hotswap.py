@@ -11,27 +11,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import torch
 from node_fixtures import AUTH, gallery_items, ingest
 from PIL import Image
 
-from common.adapters import WEIGHTS_FILE, read_manifest, save_adapter
+from common.adapters import WEIGHTS_FILE, read_manifest
 from common.factory import create_model
-from common.lora import attach_lora
 from protos import node_pb2, retrieval_pb2
 
 QUERY = "a woman in a green top and black trousers"
-
-
-def write_adapter(out: Path, round_: int, seed: int = 1) -> str:
-    """A LoRA adapter on the tiny model whose B is perturbed, so embeddings really change."""
-    peft_model = attach_lora(create_model("tiny"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    return save_adapter(peft_model, out, round=round_).model_version
 
 
 def expected_ranking(model, items, ids, k: int) -> list[int]:
@@ -40,7 +27,7 @@ def expected_ranking(model, items, ids, k: int) -> list[int]:
     return sorted(ids, key=lambda i: (-scores[ids.index(i)], i))[:k]
 
 
-def test_hot_swap_under_search_load(serve_node, tmp_path: Path):
+def test_hot_swap_under_search_load(serve_node, tmp_path: Path, write_adapter):
     served = serve_node()
     items = gallery_items(20)
     ids = ingest(served, items)
@@ -116,7 +103,7 @@ def test_hot_swap_under_search_load(serve_node, tmp_path: Path):
     assert status.indexed_size == 20
 
 
-def test_bad_adapter_is_refused_and_old_pair_keeps_serving(serve_node):
+def test_bad_adapter_is_refused_and_old_pair_keeps_serving(serve_node, write_adapter):
     served = serve_node()
     ingest(served, gallery_items(8))
     adapters = served.config.adapter_dir

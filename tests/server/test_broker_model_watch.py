@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
 from broker_fixtures import ScriptedNode, broker_config
 
 from common.adapters import latest_adapter as newest_adapter
-from common.adapters import save_adapter
 from common.factory import create_model
-from common.lora import attach_lora
 from protos import broker_pb2
 from server.model_watch import ModelWatcher
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def write_adapter(out: Path, round_: int, seed: int) -> str:
-    """A tiny-model LoRA adapter with perturbed B, so the version and embeddings change."""
-    peft_model = attach_lora(create_model("tiny"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    return save_adapter(peft_model, out, round=round_).model_version
-
-
-def test_newest_adapter_rule(tmp_path):
+def test_newest_adapter_rule(tmp_path, write_adapter):
     folder = tmp_path / "adapters"
     assert newest_adapter(folder) is None
     write_adapter(folder / "round-2", 2, seed=1)
@@ -40,7 +24,9 @@ def test_newest_adapter_rule(tmp_path):
     assert newest_adapter(folder / "round-2").round == 2  # an adapter dir itself
 
 
-def test_broker_swaps_to_a_new_global_adapter(tmp_path, scripted_nodes, start_broker):
+def test_broker_swaps_to_a_new_global_adapter(
+    tmp_path, scripted_nodes, start_broker, write_adapter
+):
     adapters = tmp_path / "global"
     config = broker_config(
         {"a": "127.0.0.1:1"}, model="tiny", adapter=str(adapters), adapter_poll_s=0.0
