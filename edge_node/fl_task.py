@@ -165,9 +165,7 @@ _TRAINERS: dict[str, NodeTrainer] = {}  # this process's trainers, by key (see _
 
 def _process_trainer(key: str) -> NodeTrainer:
     """The trainer `key` in this process: the one an unpickled ClientApp must use."""
-    if key not in _TRAINERS:
-        _TRAINERS[key] = NodeTrainer(key)
-    return _TRAINERS[key]
+    return _TRAINERS.get(key) or NodeTrainer(key)  # a new trainer registers itself
 
 
 class NodeTrainer:

@@ -271,6 +271,7 @@ def run_serving(
             keys = [_relative(Path(p), data_root) for p in emb.gallery_paths]
             result = _query_all(client, emb, keys, queries, gallery, settings, progress)
             sheets = []
+            where = {key: j for j, key in enumerate(keys)}
             for q in queries[: settings.sheet_queries]:
                 request = broker_pb2.BrokerSearchRequest(
                     text=emb.query_texts[q], k=settings.sheet_k, deadline_ms=settings.deadline_ms
@@ -278,7 +279,6 @@ def run_serving(
                 path = out / f"sheet-{len(sheets) + 1}.png"
                 response = client.search(request)
                 truth = emb.query_ids[q]
-                where = {key: j for j, key in enumerate(keys)}
                 correct = [emb.gallery_ids[where[h.file_name]] == truth for h in response.hits]
                 title = f'query: "{emb.query_texts[q]}"  (green frame: the person described)'
                 write_contact_sheet(response, client, path, title=title, correct=correct)

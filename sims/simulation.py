@@ -94,7 +94,7 @@ def _lora_touches_text(model) -> bool:
     from common.lora import LoraSettings
 
     targets = LoraSettings.from_spec(model.spec.get("lora")).targets
-    return any(t.startswith("text") or not t.startswith("image") for t in targets)
+    return not all(t.startswith("image") for t in targets)  # raw regexes: assume they might
 
 
 def prepare_data(section: DataSection, out: Path, cache_dir: Path) -> Path:
