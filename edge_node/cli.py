@@ -26,20 +26,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--config", required=True, type=Path, help="node TOML file")
     check.set_defaults(func=_check_config)
 
-    from .export_cli import register_export  # `fedretrieve export` (issue 8)
+    from edge_node.accel.cli import register_export  # `fedretrieve export` (issue 8)
 
     register_export(subparsers)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .config import load_node_config
-    from .daemon import serve
+    from edge_node.config import load_node_config
+    from edge_node.serving.daemon import serve
 
     return serve(load_node_config(args.config))
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from .config import load_node_config
+    from edge_node.config import load_node_config
 
     print(load_node_config(args.config))
     return 0

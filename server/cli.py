@@ -32,14 +32,14 @@ def register_broker(subparsers: argparse._SubParsersAction) -> None:
     sub = broker.add_subparsers(dest="broker_command", metavar="SUBCOMMAND", required=True)
     serve = sub.add_parser("serve", help="run the broker until SIGTERM")
     serve.add_argument(
-        "--config", required=True, help="broker TOML (see server/broker.example.toml)"
+        "--config", required=True, help="broker TOML (see server/broker/broker.example.toml)"
     )
     serve.set_defaults(func=run_broker_serve)
 
 
 def run_broker_serve(args: argparse.Namespace) -> int:
-    from server.broker_config import load_broker_config
-    from server.broker_daemon import serve
+    from server.broker.config import load_broker_config
+    from server.broker.daemon import serve
 
     return serve(load_broker_config(args.config))
 
@@ -145,8 +145,13 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def run_query(args: argparse.Namespace) -> int:
-    from server.query_client import BrokerClient
-    from server.query_output import print_json, print_table, write_contact_sheet, write_results_csv
+    from server.operator.client import BrokerClient
+    from server.operator.output import (
+        print_json,
+        print_table,
+        write_contact_sheet,
+        write_results_csv,
+    )
 
     request = build_request(args)
     tls = (args.tls_ca, args.tls_cert, args.tls_key)

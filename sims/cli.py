@@ -16,11 +16,11 @@ import sys
 # Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
     "common.cli",  # train, eval
-    "sims.synth_cli",  # synth, pretrain
+    "sims.synth.cli",  # synth, pretrain
     "edge_node.cli",  # node serve, export
     "server.cli",  # broker serve, query, fl
-    "sims.fl_cli",  # fl simulate (runs ServerApp + ClientApp in one process)
-    "sims.sim_cli",  # sim, demo, bench
+    "sims.simulation.fl_cli",  # fl simulate (runs ServerApp + ClientApp in one process)
+    "sims.simulation.cli",  # sim, demo, bench
 )
 
 

@@ -87,7 +87,7 @@ class Served:
 @pytest.fixture
 def serve_node(tmp_path: Path) -> Iterator:
     """Factory: start a real node server on 127.0.0.1:0; everything is stopped at teardown."""
-    from edge_node.daemon import create_server, shutdown
+    from edge_node.serving.daemon import create_server, shutdown
 
     started = []
 

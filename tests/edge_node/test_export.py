@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 
 from common.errors import AdapterMismatch, ConfigError
 from common.factory import create_model
-from edge_node.export import MANIFEST_FILE, export_model, open_export
-from edge_node.ort_backend import OrtBackend
+from edge_node.accel.export import MANIFEST_FILE, export_model, open_export
+from edge_node.accel.ort import OrtBackend
 
 CAPTIONS = [
     "a man",
@@ -129,7 +129,7 @@ def test_bad_settings_name_the_field(tmp_path):
 
 
 def test_trtexec_lines_match_the_engine_profiles(exported):
-    from edge_node.trt_backend import trtexec_commands
+    from edge_node.accel.trt import trtexec_commands
 
     model, out, manifest = exported
     image, text = trtexec_commands(out, manifest)

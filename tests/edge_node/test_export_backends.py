@@ -13,9 +13,9 @@ from common.adapters import save_adapter
 from common.errors import AdapterMismatch, ConfigError
 from common.factory import create_model
 from common.lora import LoraSettings, attach_lora
-from edge_node.accel import resolve_export
-from edge_node.backends import load_backend
-from edge_node.export import export_model
+from edge_node.accel.backend import load_backend
+from edge_node.accel.export import export_model
+from edge_node.accel.resolve import resolve_export
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -41,8 +41,8 @@ def adapter_dir(tmp_path_factory):
 
 
 def test_adapter_is_merged_before_export(adapter_dir, tmp_path):
-    from edge_node.backends import adapter_version_of
-    from edge_node.ort_backend import OrtBackend
+    from edge_node.accel.backend import adapter_version_of
+    from edge_node.accel.ort import OrtBackend
 
     merged = create_model("tiny", adapter=adapter_dir)
     base = create_model("tiny")

@@ -9,8 +9,8 @@ from PIL import Image, ImageDraw
 
 from common.factory import create_model
 from common.metrics import retrieval_metrics
-from edge_node.export import export_model
-from edge_node.ort_backend import OrtBackend
+from edge_node.accel.export import export_model
+from edge_node.accel.ort import OrtBackend
 
 COLOURS = {
     "red": (200, 30, 30),

@@ -9,7 +9,7 @@ from node_fixtures import AUTH, gallery_items, ingest
 from PIL import Image
 
 from common.factory import create_model
-from edge_node.export import export_model
+from edge_node.accel.export import export_model
 from protos import node_pb2
 
 QUERY = "a person in a red top and black trousers"

@@ -19,7 +19,7 @@ import pytest
 from node_fixtures import AUTH, TOKEN, gallery_items
 
 from edge_node.config import IndexSettings
-from edge_node.indexer import VectorIndex
+from edge_node.serving.indexer import VectorIndex
 from protos import node_pb2, node_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]

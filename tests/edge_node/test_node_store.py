@@ -13,9 +13,9 @@ from node_fixtures import person_crop
 
 from common.errors import InvalidQuery, NotFound
 from edge_node.config import IndexSettings, Limits
-from edge_node.dropfolder import DropFolder
-from edge_node.gallery import Gallery, IngestItem
-from edge_node.indexer import INDEX_FILE, VectorIndex, normalise
+from edge_node.serving.dropfolder import DropFolder
+from edge_node.serving.gallery import Gallery, IngestItem
+from edge_node.serving.indexer import INDEX_FILE, VectorIndex, normalise
 
 
 def test_gallery_reopens_and_removes_crash_leftovers(tmp_path: Path):

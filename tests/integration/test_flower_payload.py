@@ -18,12 +18,12 @@ from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 from common.errors import AdapterMismatch, DatasetError
 from common.factory import create_model
 from common.lora import adapter_digest, get_adapter_state, lora_parameter_count
-from edge_node.client_app import build_client_app
-from edge_node.fl_task import NodeFlSettings, NodeTrainer, RoundPlan
-from edge_node.hotswap import latest_adapter
-from server.fl_config import FlConfig
-from server.server_app import build_global_adapter, payload_keys, round_config
-from server.strategies import UpdateSpec, build_strategy, check_update
+from edge_node.fl.client_app import build_client_app
+from edge_node.fl.task import NodeFlSettings, NodeTrainer, RoundPlan
+from edge_node.serving.hotswap import latest_adapter
+from server.fl.run_config import FlConfig
+from server.fl.server_app import build_global_adapter, payload_keys, round_config
+from server.fl.strategies import UpdateSpec, build_strategy, check_update
 
 
 def _setup(data: Path, tmp_path: Path, strategy: str):

@@ -8,7 +8,7 @@ import pytest
 
 from common.adapters import read_manifest
 from common.factory import create_model
-from sims.federated import run_federated
+from sims.simulation.federated import run_federated
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sims.simulation import SimConfig, load_sim_config, run_sim
+from sims.simulation.pipeline import SimConfig, load_sim_config, run_sim
 
 pytestmark = pytest.mark.slow
 

@@ -22,8 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 
 from protos import broker_pb2_grpc, node_pb2, node_pb2_grpc, retrieval_pb2
-from server.broker_config import BrokerConfig, NodeEntry
-from server.broker_daemon import create_server, stop_server
+from server.broker.config import BrokerConfig, NodeEntry
+from server.broker.daemon import create_server, stop_server
 
 OPERATOR_TOKEN = "operator-secret"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from common.errors import ConfigError
-from server.broker_config import load_broker_config
+from server.broker.config import load_broker_config
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "server" / "broker.example.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "server" / "broker" / "broker.example.toml"
 
 MINIMAL = """
 listen = "127.0.0.1:0"

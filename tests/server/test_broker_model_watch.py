@@ -8,7 +8,7 @@ from broker_fixtures import ScriptedNode, broker_config
 from common.adapters import latest_adapter as newest_adapter
 from common.factory import create_model
 from protos import broker_pb2
-from server.model_watch import ModelWatcher
+from server.broker.model_watch import ModelWatcher
 
 pytestmark = pytest.mark.timeout(120)
 

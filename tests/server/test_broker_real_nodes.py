@@ -52,7 +52,7 @@ def crop(seed: int) -> bytes:
 def real_nodes(tmp_path):
     """Three real node daemons, 8 + 6 + 7 images, tiny model, token auth."""
     from edge_node.config import AuthSettings, IndexSettings, NodeConfig
-    from edge_node.daemon import create_server, shutdown
+    from edge_node.serving.daemon import create_server, shutdown
 
     started, galleries = [], {}
     seed = 0

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import pytest
 
 from protos import retrieval_pb2
-from server.merge import RRF_K, fuse_by_rank, is_merge_order, merge_mixed_versions, merge_topk
+from server.broker.merge import (
+    RRF_K,
+    fuse_by_rank,
+    is_merge_order,
+    merge_mixed_versions,
+    merge_topk,
+)
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,7 @@ def test_mixed_versions_merge_exactly_within_a_version_then_fuse_across():
 
 def test_camera_routing_sends_each_node_its_own_cameras_and_skips_the_rest():
     from common.errors import InvalidQuery
-    from server.routing import route_cameras
+    from server.broker.routing import route_cameras
 
     nodes = {"a": ["c1", "c2"], "b": ["c3"], "c": None, "d": []}
     route = route_cameras(nodes, ["c3", "c1"])

@@ -18,8 +18,8 @@ from flwr.app import (
 )
 
 from common.errors import AdapterMismatch, ConfigError
-from server.fl_config import FlConfig
-from server.strategies import (
+from server.fl.run_config import FlConfig
+from server.fl.strategies import (
     FedIT,
     FfaLoRA,
     RobustMedian,
@@ -259,6 +259,6 @@ def test_pyproject_run_config_parses():
     root = Path(__file__).resolve().parents[2]
     data = tomllib.loads((root / "pyproject.toml").read_text())
     app = data["tool"]["flwr"]["app"]
-    assert app["components"]["serverapp"] == "server.server_app:app"
+    assert app["components"]["serverapp"] == "server.fl.server_app:app"
     cfg = FlConfig.from_run_config(app["config"])
     assert set(cfg.to_dict()) == set(app["config"])  # every key can be overridden by flwr run

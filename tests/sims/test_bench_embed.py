@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sims.bench_embed import _slug, _summarise, export_dir, merge_repeats, sample_captions
+from sims.bench.embed import _slug, _summarise, export_dir, merge_repeats, sample_captions
 
 
 def _run(per_s: float, emb: list, r1: float) -> dict:

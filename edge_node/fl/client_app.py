@@ -1,0 +1,93 @@
+"""The Flower ClientApp of an edge node: Message in, `fl_task` call, Message out.
+
+Three handlers:
+- `train`: load the global adapter, fine-tune it on the node's captioned crops, reply with
+  the adapter arrays the server sent (LoRA tensors only; B only under FFA-LoRA), plus
+  `num-examples`, the training loss and local Rank-1/mAP on the node's held-out split.
+- `evaluate`: local retrieval metrics of the global adapter.
+- `evaluate.handover`: after the last round the ServerApp sends the final global adapter
+  to every node; it is written atomically into the node's `adapter-dir`, where the node
+  daemon picks it up and hot-swaps it (docs/federated.md).
+
+The node's data comes from `context.node_config` (`flower-supernode --node-config`); no
+image, embedding or caption ever goes into a reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from edge_node.fl.task import NodeFlSettings, NodeTrainer, RoundPlan
+
+ARRAYS, CONFIG, METRICS, NODE = "arrays", "config", "metrics", "node"
+HANDOVER_ACTION = "handover"
+
+
+def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp; `overrides` stand in for run-config keys in in-process simulations."""
+    app = ClientApp()
+    trainer = NodeTrainer()  # lives as long as the app: caches model and images across rounds
+    extra = dict(overrides or {})
+
+    def prepare(msg: Message, context: Context):
+        settings = NodeFlSettings.from_configs(
+            context.node_config, {**dict(context.run_config), **extra}
+        )
+        if settings.threads:
+            import torch
+
+            torch.set_num_threads(settings.threads)
+        plan = RoundPlan.from_config(msg.content[CONFIG])
+        state = msg.content[ARRAYS].to_torch_state_dict()
+        return settings, plan, state
+
+    def reply(msg: Message, name: str, metrics: dict, arrays: ArrayRecord | None = None):
+        content = RecordDict(
+            {METRICS: MetricRecord(metrics), NODE: ConfigRecord({"node-name": name})}
+        )
+        if arrays is not None:
+            content[ARRAYS] = arrays
+        return Message(content=content, reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        settings, plan, state = prepare(msg, context)
+        payload, metrics = trainer.train_round(settings, plan, state)
+        name = trainer.data(settings).name
+        return reply(msg, name, metrics, ArrayRecord(payload))
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        settings, plan, state = prepare(msg, context)
+        metrics = trainer.evaluate_round(settings, plan, state)
+        return reply(msg, trainer.data(settings).name, metrics)
+
+    @app.evaluate(HANDOVER_ACTION)
+    def handover(msg: Message, context: Context) -> Message:
+        settings, plan, state = prepare(msg, context)
+        path, version = trainer.hand_over(settings, plan, state, run_id=context.run_id)
+        name = settings.node_name or (
+            trainer.data(settings).name if settings.partition else str(context.node_id)
+        )
+        content = RecordDict(
+            {
+                METRICS: MetricRecord({"num-examples": 1, "written": int(path is not None)}),
+                NODE: ConfigRecord(
+                    {
+                        "node-name": name,
+                        "adapter-path": str(path or ""),
+                        "model-version": version,
+                    }
+                ),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+app = build_client_app()

@@ -1,0 +1,221 @@
+"""The broker's configuration: one frozen object, loaded from one TOML file, checked up front.
+
+TOML keys are kebab-case (Flower's convention), attributes snake_case; reading, the
+conversion, type checks and the rejection of unknown keys are `common.config`'s, shared
+by every process. Every field is documented in `server/broker/broker.example.toml`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import from_dict, load_toml
+from common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for one side of a TLS connection. Relative paths are resolved by the loader.
+
+    Server side (the broker's listener): `cert` + `key`, and `ca` to require client
+    certificates signed by it (mTLS). Client side (broker -> node): `ca` to verify the
+    node, `cert` + `key` to present a client certificate, `server-name` to override the
+    name checked against the node's certificate.
+    """
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("tls: `cert` and `key` must be given together")
+        for name in ("cert", "key", "ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"tls: `{name}` file {path} does not exist")
+
+    def read(self, name: str) -> bytes | None:
+        path = getattr(self, name)
+        return Path(path).read_bytes() if path is not None else None
+
+
+@dataclass(frozen=True)
+class NodeEntry:
+    """One edge node the broker fans out to."""
+
+    id: str
+    address: str  # host:port
+    token: str | None = None  # bearer token the node expects, sent on every call
+    tls: TlsFiles | None = None  # None: plaintext (loopback, lab networks)
+
+    def __post_init__(self) -> None:
+        if not self.id or not self.id.strip():
+            raise ConfigError("nodes: every node needs a non-empty `id`")
+        if ":" not in self.address:
+            raise ConfigError(f"nodes.{self.id}: `address` must be host:port, got {self.address!r}")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Everything `fedretrieve broker serve` needs; validated before a port is bound."""
+
+    nodes: tuple[NodeEntry, ...]
+    listen: str = "127.0.0.1:50070"
+    metrics_port: int | None = None  # Prometheus /metrics on its own port; 0: any free port
+    model: str | None = None  # spec for common.factory.create_model; None: nodes encode text
+    adapter: str | None = None  # global adapter (or folder of adapters; newest wins)
+    adapter_poll_s: float = 10.0  # how often `adapter` is checked for a new one; 0: never
+    operator_tokens: tuple[str, ...] = ()  # bearer tokens operators present
+    allow_unauthenticated: bool = False  # must be set explicitly to run without tokens
+    tls: TlsFiles | None = None  # listener TLS; `tls.ca` makes it mTLS
+    default_k: int = 20
+    max_k: int = 100  # keep <= the nodes' [limits] max-k, or large k fail there
+    max_text_chars: int = 512  # keep <= the nodes' [limits] max-query-chars
+    default_deadline_ms: int = 2000
+    max_deadline_ms: int = 30000
+    merge_margin_ms: int = 20  # kept back from every node call for merging and replying
+    health_interval_s: float = 5.0
+    health_timeout_s: float = 1.0
+    keepalive_time_ms: int = 10000
+    keepalive_timeout_ms: int = 5000
+    retry_max_attempts: int = 3  # retries happen on UNAVAILABLE only, inside the deadline
+    workers: int = 16  # threads serving operator calls
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            raise ConfigError("`nodes` is empty: the broker needs at least one [[nodes]] entry")
+        ids = [node.id for node in self.nodes]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ConfigError(f"nodes: duplicate node id(s) {duplicates}")
+        if ":" not in self.listen:
+            raise ConfigError(f"`listen` must be host:port, got {self.listen!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"`metrics-port` must be 0..65535, got {self.metrics_port}")
+        if self.adapter is not None and self.model is None:
+            raise ConfigError("`adapter` is set but `model` is not: an adapter needs its base")
+        if not self.operator_tokens and not self.allow_unauthenticated:
+            raise ConfigError(
+                "no `operator-tokens`: give at least one, or set "
+                "`allow-unauthenticated = true` to run an open broker (loopback/tests only)"
+            )
+        if any(not token for token in self.operator_tokens):
+            raise ConfigError("`operator-tokens` holds an empty token")
+        positive = (
+            "default_k",
+            "max_k",
+            "max_text_chars",
+            "default_deadline_ms",
+            "max_deadline_ms",
+            "health_interval_s",
+            "health_timeout_s",
+            "keepalive_time_ms",
+            "keepalive_timeout_ms",
+            "retry_max_attempts",
+            "workers",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"`{_kebab(name)}` must be positive, got {getattr(self, name)}")
+        if self.adapter_poll_s < 0:
+            raise ConfigError(f"`adapter-poll-s` must be >= 0, got {self.adapter_poll_s}")
+        if self.merge_margin_ms < 0:
+            raise ConfigError(f"`merge-margin-ms` must be >= 0, got {self.merge_margin_ms}")
+        if self.default_k > self.max_k:
+            raise ConfigError(f"`default-k` ({self.default_k}) exceeds `max-k` ({self.max_k})")
+        if self.default_deadline_ms > self.max_deadline_ms:
+            raise ConfigError(
+                f"`default-deadline-ms` ({self.default_deadline_ms}) exceeds "
+                f"`max-deadline-ms` ({self.max_deadline_ms})"
+            )
+        if self.merge_margin_ms >= self.default_deadline_ms:
+            raise ConfigError(
+                f"`merge-margin-ms` ({self.merge_margin_ms}) leaves no time for nodes within "
+                f"`default-deadline-ms` ({self.default_deadline_ms})"
+            )
+        if self.tls is not None and self.tls.cert is None:
+            raise ConfigError("[tls] for the listener needs `cert` and `key`")
+        if self.retry_max_attempts > 5:
+            raise ConfigError("`retry-max-attempts` above 5 is refused by gRPC; use 1..5")
+
+    def node(self, node_id: str) -> NodeEntry:
+        for node in self.nodes:
+            if node.id == node_id:
+                return node
+        raise KeyError(node_id)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _resolve(path: Any, base: Path, where: str) -> str:
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{where} must be a non-empty path string, got {path!r}")
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def _read_secret(path: str, where: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot read {path}: {err}") from err
+
+
+def _resolve_tls(table: Any, base: Path, where: str) -> Any:
+    if isinstance(table, dict):
+        for name in ("cert", "key", "ca"):
+            if name in table:
+                table[name] = _resolve(table[name], base, f"{where}.{name}")
+    return table
+
+
+def _prepare_node(table: Any, base: Path, index: int) -> Any:
+    """Resolve a node's relative paths and read its `token-file`."""
+    where = f"nodes[{index}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table ([[nodes]])")
+    if "token_file" in table:
+        if "token" in table:
+            raise ConfigError(f"{where}: give `token` or `token-file`, not both")
+        path = _resolve(table.pop("token_file"), base, f"{where}.token-file")
+        table["token"] = _read_secret(path, f"{where}.token-file")
+    if "tls" in table:
+        table["tls"] = _resolve_tls(table["tls"], base, f"{where}.tls")
+    return table
+
+
+def broker_config_from_dict(data: dict[str, Any], base_dir: Path | str = ".") -> BrokerConfig:
+    """Build a config from parsed TOML (snake_case keys); relative paths from `base_dir`."""
+    base = Path(base_dir)
+    data = dict(data)
+    nodes = data.get("nodes")
+    if not isinstance(nodes, list) or not nodes:
+        raise ConfigError("broker config: needs one or more [[nodes]] tables")
+    data["nodes"] = [
+        _prepare_node(dict(t) if isinstance(t, dict) else t, base, i) for i, t in enumerate(nodes)
+    ]
+    if "operator_tokens_file" in data:
+        path = _resolve(data.pop("operator_tokens_file"), base, "operator-tokens-file")
+        extra = [t.strip() for t in _read_secret(path, "operator-tokens-file").splitlines()]
+        data["operator_tokens"] = [*data.get("operator_tokens", []), *(t for t in extra if t)]
+    if "tls" in data:
+        data["tls"] = _resolve_tls(dict(data["tls"]), base, "tls")
+    if data.get("adapter"):
+        data["adapter"] = _resolve(data["adapter"], base, "adapter")
+    return from_dict(BrokerConfig, data, "broker config")
+
+
+def load_broker_config(path: Path | str) -> BrokerConfig:
+    """Read and validate a broker TOML file; every problem is a ConfigError naming it."""
+    path = Path(path)
+    data = load_toml(path)
+    try:
+        return broker_config_from_dict(data, base_dir=path.parent)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err

@@ -1,0 +1,303 @@
+"""The Flower ServerApp: read the run config once, run the strategy, keep every round.
+
+For each round the global adapter is saved in PEFT format to `OUT/round-NNN/` (and at the
+end to `OUT/final/`), evaluated on the server's held-out set when one is configured, and
+logged with what moved: bytes sent to and received from each node, which updates were
+accepted, rejected (with the reason) or failed. `OUT/history.json` holds it all and is
+rewritten after every round, so an interrupted run still leaves its figures.
+
+After the last round the final adapter goes to every connected node in an
+`evaluate.handover` message; each node writes it into its daemon's adapter dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from server.fl.run_config import FlConfig
+from server.fl.strategies import NODE_RECORD, RoundStats, UpdateSpec, build_strategy
+
+# A child of Flower's logger: these lines show wherever Flower's do (console, `flwr run
+# --stream`, `flwr log`), also in the ServerApp/ClientApp subprocesses of the deployment engine.
+log = logging.getLogger("flwr").getChild(__name__)
+
+HISTORY_FILE = "history.json"
+HANDOVER_MESSAGE_TYPE = "evaluate.handover"
+
+
+def build_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
+    """A ServerApp; `overrides` replace run-config keys (in-process `run_simulation`)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = FlConfig.from_run_config(context.run_config, overrides)
+        run_server(grid, cfg, run_id=int(context.run_id))
+
+    return app
+
+
+def round_config(cfg: FlConfig, lora_a_digest: str) -> ConfigRecord:
+    """What every node needs for a round (edge_node.fl.task.RoundPlan reads these keys)."""
+    return ConfigRecord(
+        {
+            "num-server-rounds": cfg.num_server_rounds,
+            "model": cfg.model,
+            "strategy": cfg.strategy,
+            "lora-rank": cfg.lora_rank,
+            "lora-alpha": float(cfg.lora_alpha),
+            "lora-seed": cfg.lora_seed,
+            "freeze-a": cfg.freeze_a,
+            "lora-a-digest": lora_a_digest,
+            "local-epochs": cfg.local_epochs,
+            "lr": float(cfg.lr),
+            "batch-size": cfg.batch_size,
+            "max-steps": cfg.max_steps,
+            "proximal-mu": float(cfg.proximal_mu),
+            "seed": cfg.seed,
+            "local-eval": cfg.local_eval,
+        }
+    )
+
+
+def build_global_adapter(cfg: FlConfig):
+    """The base model with a fresh adapter (B = 0: round 0 is the base model itself)."""
+    from common.factory import create_model
+    from common.lora import LoraSettings, attach_lora
+
+    base = create_model(cfg.model)
+    settings = LoraSettings.from_spec(
+        base.spec.get("lora"),
+        r=cfg.lora_rank or None,
+        alpha=cfg.lora_alpha or None,
+        init_seed=cfg.lora_seed,
+        freeze_a=cfg.freeze_a,
+    )
+    return attach_lora(base, settings)
+
+
+def payload_keys(state: dict, freeze_a: bool) -> list[str]:
+    """The adapter keys that travel: all of them, or B only under FFA-LoRA."""
+    return [k for k in state if not (freeze_a and "lora_A" in k)]
+
+
+class RoundRecorder:
+    """`evaluate_fn` for Strategy.start: called with the global adapter after every round.
+
+    Saves it, evaluates it on the held-out set, and logs the round with its traffic.
+    """
+
+    def __init__(self, cfg: FlConfig, peft_model, strategy, out_dir: Path) -> None:
+        from common.datasets import load_records
+
+        self.cfg, self.model, self.strategy, self.out = cfg, peft_model, strategy, out_dir
+        self.records = []
+        source = cfg.eval_source
+        if source is not None:
+            self.records = load_records(source, split=cfg.eval_split)
+            if not self.records:
+                log.warning(
+                    "no %r records in %s: no server-side evaluation", cfg.eval_split, source
+                )
+        self.bank = self.text_cache = None
+        self.history: list[dict] = []
+        self.latest: ArrayRecord | None = None
+        self._last = time.perf_counter()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        from common.adapters import save_adapter
+        from common.lora import set_adapter_state
+
+        round_seconds = time.perf_counter() - self._last
+        self.latest = arrays
+        set_adapter_state(
+            self.model,
+            arrays.to_torch_state_dict(),
+            allow_subset=self.cfg.freeze_a,
+            where=f"global adapter of round {server_round}",
+        )
+        row: dict[str, Any] = {"round": server_round}
+        if server_round > 0:
+            row["seconds"] = round(round_seconds, 3)
+            path = self.out / f"round-{server_round:03d}"
+            manifest = save_adapter(
+                self.model, path, round=server_round, extra={"strategy": self.cfg.strategy}
+            )
+            row["adapter"] = str(path)
+            row["model_version"] = manifest.model_version
+            row.update(_traffic(self.strategy.rounds.get(server_round)))
+        metrics = self._evaluate()
+        if metrics is not None:
+            row["global"] = {k: round(float(v), 4) for k, v in metrics.items()}
+        self.history.append(row)
+        self.write_history()
+        _log_round(self.cfg, row)
+        self._last = time.perf_counter()
+        return metrics
+
+    def _evaluate(self) -> MetricRecord | None:
+        if not self.records:
+            return None
+        from common.evaluate import evaluate
+        from common.train import ImageBank, TextFeatureCache, core_model
+
+        core = core_model(self.model)
+        if self.bank is None:
+            self.bank = ImageBank(self.records, core.preprocess)
+            self.text_cache = TextFeatureCache.load(self.cfg.text_cache, core.fingerprint)
+        metrics = evaluate(self.model, self.records, text_cache=self.text_cache, bank=self.bank)
+        return MetricRecord({k: float(metrics[k]) for k in ("R1", "R5", "R10", "mAP", "mINP")})
+
+    def write_history(self, **extra: Any) -> Path:
+        data = {"config": self.cfg.to_dict(), "rounds": self.history, **extra}
+        path = self.out / HISTORY_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+        return path
+
+
+def run_server(grid: Grid, cfg: FlConfig, *, run_id: int = 0) -> dict:
+    """Run the whole federated training; return the history written to OUT/history.json."""
+    import torch
+
+    from common.adapters import save_adapter
+    from common.lora import adapter_digest, get_adapter_state, lora_parameter_count
+
+    if cfg.server_threads:
+        torch.set_num_threads(cfg.server_threads)
+    out = Path(cfg.out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model = build_global_adapter(cfg)
+    template = get_adapter_state(peft_model)
+    keys = payload_keys(template, cfg.freeze_a)
+    initial = ArrayRecord(OrderedDict((k, template[k]) for k in keys))
+    spec = UpdateSpec.from_arrays(initial)
+    strategy = build_strategy(cfg, spec)
+    a_digest = adapter_digest(template, [k for k in template if "lora_A" in k])
+    recorder = RoundRecorder(cfg, peft_model, strategy, out)
+    base = peft_model.get_base_model()
+    log.info(
+        "federated run %d: strategy %s, model %s, %d rounds; each node receives and sends "
+        "%d tensors (%s) per round; full model %s",
+        run_id,
+        cfg.strategy,
+        base.version,
+        cfg.num_server_rounds,
+        len(keys),
+        _human(spec.nbytes),
+        _human(base.num_parameters() * 4),
+    )
+    started = time.perf_counter()
+    strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout,
+        train_config=round_config(cfg, a_digest),
+        evaluate_config=round_config(cfg, a_digest),
+        evaluate_fn=recorder,
+    )
+    final = recorder.latest or initial
+    manifest = save_adapter(
+        peft_model, out / "final", round=cfg.num_server_rounds, extra={"strategy": cfg.strategy}
+    )
+    handover = hand_over(grid, cfg, final, a_digest)
+    summary = {
+        "final": str(out / "final"),
+        "final_model_version": manifest.model_version,
+        "handover": handover,
+        "payload_bytes": spec.nbytes,
+        "adapter_parameters": lora_parameter_count(peft_model),
+        "model_parameters": base.num_parameters(),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+    }
+    recorder.write_history(**summary)
+    log.info("final global adapter: %s (%s)", out / "final", manifest.model_version)
+    return {"config": cfg.to_dict(), "rounds": recorder.history, **summary}
+
+
+def hand_over(grid: Grid, cfg: FlConfig, arrays: ArrayRecord, a_digest: str) -> dict[str, str]:
+    """Send the final adapter to every connected node; node -> written path (or the error)."""
+    config = round_config(cfg, a_digest)
+    config["server-round"] = cfg.num_server_rounds
+    messages = [
+        Message(
+            content=RecordDict({"arrays": arrays, "config": config}),
+            dst_node_id=node_id,
+            message_type=HANDOVER_MESSAGE_TYPE,
+        )
+        for node_id in grid.get_node_ids()
+    ]
+    result: dict[str, str] = {}
+    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+        node = str(reply.metadata.src_node_id)
+        if reply.has_error():
+            result[node] = f"error: {reply.error.reason}"
+            log.warning("hand-over to node %s failed: %s", node, reply.error.reason)
+            continue
+        info = reply.content.config_records.get(NODE_RECORD) or {}
+        name = info.get("node-name") or node
+        result[str(name)] = str(info.get("adapter-path") or "(no adapter-dir)")
+    missing = len(messages) - len(result)
+    if missing:
+        log.warning("hand-over: %d node(s) did not answer in time", missing)
+    return result
+
+
+def _traffic(stats: RoundStats | None) -> dict[str, Any]:
+    if stats is None:
+        return {}
+    name = lambda node: stats.node_names.get(node, str(node))  # noqa: E731
+    return {
+        "sampled": stats.sampled,
+        "payload_bytes": stats.payload_bytes,
+        "upload_bytes": {name(n): b for n, b in stats.upload_bytes.items()},
+        "accepted": [name(n) for n in stats.accepted],
+        "rejected": {name(n): r for n, r in stats.rejected.items()},
+        "failed": {str(n): r for n, r in stats.failed.items()},
+        "aggregated": stats.aggregated,
+        "train_metrics": stats.train_metrics,
+        "evaluate_metrics": stats.evaluate_metrics,
+    }
+
+
+def _log_round(cfg: FlConfig, row: dict) -> None:
+    metrics = row.get("global")
+    score = f"R1 {metrics['R1']:.2f} mAP {metrics['mAP']:.2f}" if metrics else "no held-out set"
+    if row["round"] == 0:
+        log.info("round 0 (base model + fresh adapter): %s", score)
+        return
+    log.info(
+        "round %d/%d: %s | updates %d accepted, %d rejected, %d failed | per node %s down, "
+        "%s up | %.1fs",
+        row["round"],
+        cfg.num_server_rounds,
+        score,
+        len(row.get("accepted", [])),
+        len(row.get("rejected", {})),
+        len(row.get("failed", {})),
+        _human(row.get("payload_bytes", 0)),
+        _human(max(row.get("upload_bytes", {}).values(), default=0)),
+        row["seconds"],
+    )
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1000
+    return f"{nbytes:.1f} GB"
+
+
+app = build_server_app()

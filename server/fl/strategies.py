@@ -1,0 +1,381 @@
+"""Aggregation of LoRA adapter updates: the math and the gate in front of it, no I/O.
+
+Each strategy is one of Flower's own (FedAvg, FedTrimmedAvg, FedMedian) with
+`ValidatedAggregation` in front: it overrides `aggregate_train` only to screen every reply
+before Flower averages. A reply is aggregated only if it carries exactly the keys, shapes
+and dtypes of the global payload the server sent, finite values, a positive `num-examples`,
+and a change from the round's global adapter within the norm bound. Anything else is
+dropped and logged with the node id; a failed or timed-out node is simply absent. The
+round aggregates as long as `min_updates` valid updates remain.
+
+FedIT (`fedavg`) averages A and B separately, which is inexact: mean(B)·mean(A) is not
+mean(B·A). FFA-LoRA (`ffa`) freezes A at the same seeded init on every node and sends only
+B, so the average of B times the shared A is exactly the average of the nodes' B·A.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
+
+from common.errors import AdapterMismatch, ConfigError
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
+    from server.fl.run_config import FlConfig
+
+# A child of Flower's logger: these lines show wherever Flower's do (console, `flwr run
+# --stream`, `flwr log`), also in the ServerApp/ClientApp subprocesses of the deployment engine.
+log = logging.getLogger("flwr").getChild(__name__)
+
+NUM_EXAMPLES = "num-examples"
+NODE_RECORD = "node"  # ConfigRecord a node may add to its reply: {"node-name": "..."}
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    """What a valid update looks like: exactly the keys, shapes and dtypes sent out."""
+
+    shapes: Mapping[str, tuple[int, ...]]
+    dtypes: Mapping[str, str]
+
+    @classmethod
+    def from_arrays(cls, arrays: ArrayRecord) -> UpdateSpec:
+        return cls(
+            {k: tuple(a.shape) for k, a in arrays.items()},
+            {k: str(a.dtype) for k, a in arrays.items()},
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Raw tensor bytes of one payload (what one node sends or receives per round)."""
+        return sum(
+            math.prod(shape) * np.dtype(self.dtypes[k]).itemsize for k, shape in self.shapes.items()
+        )
+
+
+def check_update(
+    arrays: ArrayRecord,
+    spec: UpdateSpec,
+    reference: Mapping[str, np.ndarray] | None = None,
+    *,
+    max_norm: float | None = None,
+) -> dict[str, np.ndarray]:
+    """The update as numpy arrays, or AdapterMismatch saying what is wrong with it.
+
+    `max_norm` bounds the L2 norm of the change from `reference` (the round's global).
+    """
+    missing = sorted(set(spec.shapes) - set(arrays))
+    unexpected = sorted(set(arrays) - set(spec.shapes))
+    if missing or unexpected:
+        raise AdapterMismatch(
+            f"keys differ from the global adapter (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    update = {}
+    for key, array in arrays.items():
+        value = array.numpy()
+        if tuple(value.shape) != spec.shapes[key]:
+            raise AdapterMismatch(
+                f"{key} has shape {tuple(value.shape)}, expected {spec.shapes[key]}"
+            )
+        if str(value.dtype) != spec.dtypes[key]:
+            raise AdapterMismatch(f"{key} has dtype {value.dtype}, expected {spec.dtypes[key]}")
+        if not np.isfinite(value).all():
+            raise AdapterMismatch(f"{key} contains NaN or inf")
+        update[key] = value
+    if max_norm:
+        norm = update_norm(update, reference)
+        if not norm <= max_norm:
+            raise AdapterMismatch(f"change has L2 norm {norm:.4g}, above the bound {max_norm}")
+    return update
+
+
+def update_norm(
+    update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None
+) -> float:
+    """L2 norm of update - reference over all tensors (of the update itself without one)."""
+    total = 0.0
+    for key, value in update.items():
+        delta = value.astype(np.float64)
+        if reference is not None:
+            delta = delta - reference[key]
+        total += float(np.square(delta).sum())
+    return math.sqrt(total)
+
+
+def clip_update(
+    update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], clip_norm: float
+) -> dict[str, np.ndarray]:
+    """Scale the change from `reference` down to L2 norm `clip_norm` (unchanged if within)."""
+    norm = update_norm(update, reference)
+    if norm <= clip_norm or norm == 0.0:
+        return dict(update)
+    factor = clip_norm / norm
+    return {
+        k: (reference[k] + factor * (v - reference[k])).astype(v.dtype) for k, v in update.items()
+    }
+
+
+def lora_product(b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """B·A for a Linear (B: out x r, A: r x in) or a Conv2d LoRA pair, flattened to 2-D."""
+    return b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+
+
+@dataclass
+class RoundStats:
+    """What happened to the updates of one round (the ServerApp logs and saves it)."""
+
+    server_round: int
+    payload_bytes: int = 0  # sent to each sampled node
+    sampled: int = 0
+    upload_bytes: dict[int, int] = field(default_factory=dict)  # node id -> bytes received
+    accepted: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)  # node id -> reason
+    failed: dict[int, str] = field(default_factory=dict)  # node id -> error reply reason
+    node_names: dict[int, str] = field(default_factory=dict)
+    aggregated: bool = False
+    train_metrics: dict[str, float] = field(default_factory=dict)  # weighted over nodes
+    evaluate_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class ValidatedAggregation:
+    """Screens replies, then lets the Flower strategy it is mixed into aggregate.
+
+    Put it first in the bases: `class X(ValidatedAggregation, FedAvg)`.
+    """
+
+    def __init__(
+        self,
+        spec: UpdateSpec,
+        *,
+        max_update_norm: float = 0.0,
+        min_updates: int = 1,
+        **strategy_kwargs,
+    ) -> None:
+        super().__init__(**strategy_kwargs)  # type: ignore[call-arg]
+        self.spec = spec
+        self.max_update_norm = max_update_norm
+        self.min_updates = min_updates
+        self.rounds: dict[int, RoundStats] = {}
+        self._global: dict[str, np.ndarray] | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def transform_update(
+        self, update: dict[str, np.ndarray], reference: Mapping[str, np.ndarray] | None
+    ) -> dict[str, np.ndarray]:
+        """Applied to each valid update before aggregation (robust strategies clip here)."""
+        return update
+
+    # ------------------------------------------------------------------ Flower API
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        self.begin_round(server_round, arrays, sampled=len(messages))
+        return messages
+
+    def begin_round(self, server_round: int, arrays: ArrayRecord, *, sampled: int = 0) -> None:
+        """Remember the round's global adapter: updates are judged by their change from it."""
+        self._global = {k: a.numpy().astype(np.float64) for k, a in arrays.items()}
+        self.rounds[server_round] = RoundStats(
+            server_round, payload_bytes=self.spec.nbytes, sampled=sampled
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.rounds.setdefault(server_round, RoundStats(server_round))
+        accepted = self.screen_replies(list(replies), stats)
+        if len(accepted) < self.min_updates:
+            log.warning(
+                "round %d: %d valid update(s), %d needed; the global adapter stays unchanged",
+                server_round,
+                len(accepted),
+                self.min_updates,
+            )
+            return None, None
+        stats.aggregated = True
+        arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        if arrays is not None:  # numpy may widen; the global must keep the adapter's dtypes
+            arrays = ArrayRecord(
+                {k: Array(a.numpy().astype(self.spec.dtypes[k])) for k, a in arrays.items()}
+            )
+        if metrics is not None:
+            stats.train_metrics = _plain(metrics)
+        return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        usable = []
+        for msg in replies:
+            if msg.has_error():
+                log.warning(
+                    "round %d: evaluation failed on node %d: %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    msg.error.reason,
+                )
+                continue
+            metrics = _only_metric_record(msg.content)
+            if metrics is not None and _positive(metrics.get(NUM_EXAMPLES)):
+                usable.append(msg)
+        if not usable:
+            return None
+        _align_metric_keys(usable)
+        metrics = super().aggregate_evaluate(server_round, usable)  # type: ignore[misc]
+        if metrics is not None and server_round in self.rounds:
+            self.rounds[server_round].evaluate_metrics = _plain(metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ screening
+    def screen_replies(self, replies: list[Message], stats: RoundStats) -> list[Message]:
+        """The replies that may be aggregated; every other one is logged with its node."""
+        accepted = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                stats.failed[node] = msg.error.reason
+                log.warning(
+                    "round %d: node %d failed: %s", stats.server_round, node, msg.error.reason
+                )
+                continue
+            name = _node_name(msg.content)
+            if name:
+                stats.node_names[node] = name
+            try:
+                update = self._screen(msg.content, stats, node)
+            except AdapterMismatch as err:
+                stats.rejected[node] = str(err)
+                log.warning(
+                    "round %d: rejected the update of node %d%s: %s",
+                    stats.server_round,
+                    node,
+                    f" ({name})" if name else "",
+                    err,
+                )
+                continue
+            update = self.transform_update(update, self._global)
+            (key,) = msg.content.array_records.keys()
+            msg.content[key] = ArrayRecord(
+                {k: Array(np.ascontiguousarray(v)) for k, v in update.items()}
+            )
+            accepted.append(msg)
+            stats.accepted.append(node)
+        _align_metric_keys(accepted)
+        return accepted
+
+    def _screen(self, content: RecordDict, stats: RoundStats, node: int) -> dict[str, np.ndarray]:
+        if len(content.array_records) != 1:
+            raise AdapterMismatch(
+                f"expected exactly one ArrayRecord, got {len(content.array_records)}"
+            )
+        metrics = _only_metric_record(content)
+        if metrics is None:
+            raise AdapterMismatch("expected exactly one MetricRecord with `num-examples`")
+        if not _positive(metrics.get(NUM_EXAMPLES)):
+            raise AdapterMismatch(
+                f"`num-examples` must be a positive number, got {metrics.get(NUM_EXAMPLES)!r}"
+            )
+        (arrays,) = content.array_records.values()
+        update = check_update(arrays, self.spec, self._global, max_norm=self.max_update_norm)
+        stats.upload_bytes[node] = sum(v.nbytes for v in update.values())
+        return update
+
+
+def _only_metric_record(content: RecordDict) -> MetricRecord | None:
+    records = list(content.metric_records.values())
+    return records[0] if len(records) == 1 else None
+
+
+def _plain(metrics: MetricRecord) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _node_name(content: RecordDict) -> str:
+    record = content.config_records.get(NODE_RECORD)
+    name = record.get("node-name") if record is not None else None
+    return name if isinstance(name, str) else ""
+
+
+def _align_metric_keys(messages: list[Message]) -> None:
+    """Keep only the metric keys every reply has, so Flower's consistency check passes.
+
+    A node without a local held-out split cannot report local Rank-1; that must not throw
+    away the whole round.
+    """
+    if not messages:
+        return
+    records = [_only_metric_record(m.content) for m in messages]
+    common = set.intersection(*(set(r.keys()) for r in records if r is not None))
+    for msg, record in zip(messages, records, strict=True):
+        if record is not None and set(record.keys()) != common:
+            (key,) = msg.content.metric_records.keys()
+            msg.content[key] = MetricRecord({k: record[k] for k in record if k in common})
+
+
+# ---------------------------------------------------------------------- strategies
+class FedIT(ValidatedAggregation, FedAvg):
+    """`fedavg`: weighted FedAvg of LoRA A and B separately (the common baseline)."""
+
+
+class FfaLoRA(FedIT):
+    """`ffa`: only B travels (A is the shared seeded init), so FedAvg of B is exact."""
+
+    def __init__(self, spec: UpdateSpec, **kwargs) -> None:
+        a_keys = [k for k in spec.shapes if "lora_A" in k]
+        if a_keys:
+            raise ConfigError(f"FFA-LoRA sends B only, but the payload holds {a_keys[:2]}")
+        super().__init__(spec, **kwargs)
+
+
+class _Clipping(ValidatedAggregation):
+    def __init__(self, spec: UpdateSpec, *, clip_norm: float, **kwargs) -> None:
+        super().__init__(spec, **kwargs)
+        self.clip_norm = clip_norm
+
+    def transform_update(self, update, reference):
+        if not self.clip_norm or reference is None:
+            return update
+        return clip_update(update, reference, self.clip_norm)
+
+
+class RobustTrimmedAvg(_Clipping, FedTrimmedAvg):
+    """`robust` + trimmed: clip each update's change, then coordinate-wise trimmed mean."""
+
+
+class RobustMedian(_Clipping, FedMedian):
+    """`robust` + median: clip each update's change, then coordinate-wise median."""
+
+
+def build_strategy(cfg: FlConfig, spec: UpdateSpec) -> ValidatedAggregation:
+    """The strategy `cfg.strategy` names, sampling and validation set from the config."""
+    common = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_train_nodes": cfg.min_nodes,
+        "min_evaluate_nodes": cfg.min_nodes if cfg.fraction_evaluate > 0 else 0,
+        "min_available_nodes": cfg.min_nodes,
+        "max_update_norm": cfg.max_update_norm,
+        "min_updates": cfg.min_updates,
+    }
+    if cfg.strategy == "fedavg":
+        return FedIT(spec, **common)
+    if cfg.strategy == "ffa":
+        return FfaLoRA(spec, **common)
+    if cfg.robust_aggregator == "median":
+        return RobustMedian(spec, clip_norm=cfg.clip_norm, **common)
+    return RobustTrimmedAvg(spec, clip_norm=cfg.clip_norm, beta=cfg.trim_beta, **common)

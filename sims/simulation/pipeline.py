@@ -1,0 +1,389 @@
+"""`fedretrieve sim`: the whole system on one machine, one command, one report.
+
+Stages (each a plain function, so tests and benchmarks can run them alone):
+data -> base model -> federated runs (Flower simulation engine) -> baselines
+(zero-shot, local-only, centralised) -> serving (real node daemons + broker on loopback)
+-> report. The config is one TOML file (sims/configs/default.toml).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.config import from_dict, load_toml
+from common.datasets import Record, load_records, read_dataset
+from common.errors import ConfigError, DatasetError
+from sims.simulation.serving import ServingSettings
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Where the data comes from. With `path` empty, the synthetic benchmark is generated
+    from the `synth` table (keys of `fedretrieve synth`) and cached."""
+
+    path: str = ""  # a real dataset in any supported format
+    format: str = "auto"
+    nodes: int = 4  # real datasets: cameras are dealt to this many nodes
+    synth: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BaseSection:
+    model: str = "default"  # config pretrained on the source split, or a ready model dir
+    pretrain: bool = True  # False: use `model` as it is (e.g. a real CLIP)
+    epochs: int = 12
+    lr: float = 5e-4  # measured best for pretraining the CNN tower (docs/benchmark.md)
+
+
+@dataclass(frozen=True)
+class FederatedSection:
+    strategies: tuple[str, ...] = ("fedavg",)
+    default: str = "fedavg"  # the strategy reported as "federated"
+    rounds: int = 8
+    local_epochs: int = 1
+    lr: float = 2e-3
+    batch_size: int = 32
+    options: dict = field(default_factory=dict)  # further Flower run-config keys
+
+    def __post_init__(self) -> None:
+        if self.default not in self.strategies:
+            raise ConfigError(
+                f"federated.default {self.default!r} is not in "
+                f"federated.strategies {list(self.strategies)}"
+            )
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise ConfigError("federated.rounds and federated.local-epochs must be >= 1")
+
+
+@dataclass(frozen=True)
+class BaselineSection:
+    local_only: bool = True
+    centralized: bool = True
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    seed: int = 0
+    data: DataSection = field(default_factory=DataSection)
+    base: BaseSection = field(default_factory=BaseSection)
+    federated: FederatedSection = field(default_factory=FederatedSection)
+    baselines: BaselineSection = field(default_factory=BaselineSection)
+    serving: ServingSettings = field(default_factory=ServingSettings)
+    serve: bool = True
+
+
+def load_sim_config(path: str | Path | None) -> SimConfig:
+    path = Path(path) if path else CONFIG_DIR / "default.toml"
+    return from_dict(SimConfig, load_toml(path), str(path))
+
+
+# --------------------------------------------------------------------------- data
+def _lora_touches_text(model) -> bool:
+    """Whether the model config's LoRA adapts the text tower (then caption features change
+    while training and there is nothing to share between stages)."""
+    from common.lora import LoraSettings
+
+    targets = LoraSettings.from_spec(model.spec.get("lora")).targets
+    return not all(t.startswith("image") for t in targets)  # raw regexes: assume they might
+
+
+def prepare_data(section: DataSection, out: Path, cache_dir: Path) -> Path:
+    """A dataset directory in our layout with `node` on every record."""
+    if not section.path:
+        from sims.synth.generate import GENERATOR_VERSION, SynthConfig, generate
+
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in section.synth.items()}
+        cfg = SynthConfig(**params)
+        blob = json.dumps({"generator": GENERATOR_VERSION, **asdict(cfg)}, sort_keys=True)
+        key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        target = cache_dir / "datasets" / f"synth-{key}"
+        if not (target / "summary.json").is_file():
+            log.info("generating the synthetic benchmark into %s", target)
+            tmp = target.with_name(target.name + ".tmp")
+            generate(cfg, tmp)
+            tmp.rename(target)
+        return target
+    loaded = read_dataset(section.path, fmt=section.format)
+    return partition_by_camera(loaded.records, section.nodes, out / "data")
+
+
+def partition_by_camera(records: list[Record], nodes: int, out: Path) -> Path:
+    """Deal cameras round-robin to nodes (images without a camera: by image hash) and write
+    our annotation layout, pointing at the original image files."""
+    cameras = sorted({r.camera_id for r in records if r.camera_id})
+    home = {cam: f"node{i % nodes}" for i, cam in enumerate(cameras)}
+    entries = []
+    for r in records:
+        node = (
+            r.node
+            or home.get(r.camera_id)
+            or f"node{int(hashlib.md5(str(r.image_path).encode()).hexdigest(), 16) % nodes}"
+        )
+        entries.append(
+            {
+                "split": r.split,
+                "captions": list(r.captions),
+                "file_path": str(r.image_path.resolve()),
+                "id": r.person_id,
+                "camera": r.camera_id,
+                "node": node,
+                "timestamp_ms": r.timestamp_ms,
+            }
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "annotations.json").write_text(json.dumps(entries))
+    return out
+
+
+def by_node(records: list[Record]) -> dict[str, list[Record]]:
+    groups: dict[str, list[Record]] = {}
+    for r in records:
+        if not r.node:
+            raise DatasetError(f"{r.image_path}: record has no node; partition the data first")
+        groups.setdefault(r.node, []).append(r)
+    return dict(sorted(groups.items()))
+
+
+def metric_subset(m: dict) -> dict:
+    return {k: round(float(m[k]), 2) for k in METRIC_KEYS}
+
+
+# --------------------------------------------------------------------------- pipeline
+def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True) -> dict:
+    """Run every stage and write OUT/report.json, report.md and the plots."""
+    from common.evaluate import embed_records, evaluate
+    from common.factory import create_model
+    from common.train import ImageBank, TextFeatureCache
+    from sims.simulation.baselines import centralized, local_only
+    from sims.simulation.federated import run_federated
+    from sims.simulation.report import write_report
+
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, float] = {}
+
+    def stage(name: str, t0: float) -> None:
+        stages[name] = round(time.perf_counter() - t0, 1)
+        log.info("stage %s done in %.1f s", name, stages[name])
+
+    t0 = time.perf_counter()
+    data_dir = prepare_data(cfg.data, out, cache_dir)
+    records = load_records(data_dir)
+    train_recs = [r for r in records if r.split == "train"]
+    test_recs = [r for r in records if r.split == "test"]
+    if not train_recs or not test_recs:
+        raise DatasetError(f"{data_dir}: need both train and test splits")
+    nodes = by_node(train_recs)
+    stage("data", t0)
+
+    t0 = time.perf_counter()
+    if cfg.base.pretrain:
+        from sims.pretrain import ensure_base_model
+
+        base_spec = str(
+            ensure_base_model(
+                data_dir,
+                cache_dir,
+                progress=progress,
+                model=cfg.base.model,
+                epochs=cfg.base.epochs,
+                lr=cfg.base.lr,
+                seed=cfg.seed,
+            )
+        )
+    else:
+        base_spec = cfg.base.model
+    base = create_model(base_spec)
+    stage("base_model", t0)
+
+    t0 = time.perf_counter()
+    text_cache = TextFeatureCache(base.fingerprint)
+    test_bank = ImageBank(test_recs, base.preprocess)
+    zero_shot = evaluate(base, test_recs, text_cache=text_cache, bank=test_bank)
+    text_cache_file = ""
+    if not _lora_touches_text(base):
+        # every later stage (Flower server, the node actor, the baselines) needs the same
+        # frozen-tower caption features: encode them once here and share them via a file
+        text_cache.get(base, [c for r in train_recs for c in r.captions])
+        text_cache_file = str(text_cache.save(out / "text-features.pt"))
+    stage("zero_shot", t0)
+
+    fed = cfg.federated
+    federated: dict[str, Any] = {}
+    for strategy in fed.strategies:
+        t0 = time.perf_counter()
+        options = {
+            "local-epochs": fed.local_epochs,
+            "lr": fed.lr,
+            "batch-size": fed.batch_size,
+            "eval-data": str(data_dir),
+            "eval-split": "test",
+            "seed": cfg.seed,
+            "text-cache": text_cache_file,
+            # TOML keys arrive snake_cased; Flower's run config is kebab-case
+            **{k.replace("_", "-"): v for k, v in fed.options.items()},
+        }
+        federated[strategy] = run_federated(
+            data_dir,
+            len(nodes),
+            fed.rounds,
+            strategy,
+            base_spec,
+            out / f"fl-{strategy}",
+            options=options,
+        )
+        stage(f"federated_{strategy}", t0)
+
+    epochs = fed.rounds * fed.local_epochs
+    train_kwargs = {
+        "epochs": epochs,
+        "lr": fed.lr,
+        "batch_size": fed.batch_size,
+        "seed": cfg.seed,
+        "progress": progress,
+    }
+    local = cent = None
+    if cfg.baselines.local_only:
+        t0 = time.perf_counter()
+        local = local_only(base_spec, nodes, test_recs, train_kwargs, text_cache, test_bank)
+        stage("local_only", t0)
+    if cfg.baselines.centralized:
+        t0 = time.perf_counter()
+        cent = centralized(base_spec, train_recs, test_recs, train_kwargs, text_cache, test_bank)
+        stage("centralized", t0)
+
+    serving = None
+    default_run = federated[fed.default]
+    if cfg.serve:
+        from sims.simulation.serving import run_serving
+
+        t0 = time.perf_counter()
+        final = create_model(base_spec, adapter=default_run.final_adapter)
+        emb = embed_records(final, test_recs, bank=test_bank)
+        serving = run_serving(
+            by_node(test_recs),
+            data_dir,
+            base_spec,
+            default_run.final_adapter,
+            final.version,
+            emb,
+            out / "serve",
+            cfg.serving,
+            progress=progress,
+        )
+        log.info("broker R1 %.2f vs offline %.2f", serving.metrics["R1"], serving.offline["R1"])
+        stage("serving", t0)
+
+    report = build_report(
+        cfg,
+        zero_shot,
+        federated,
+        local,
+        cent,
+        serving,
+        base,
+        time.perf_counter() - t_start,
+        stages,
+        data_dir,
+    )
+    write_report(report, out, federated, serving)
+    return report
+
+
+def build_report(
+    cfg: SimConfig,
+    zero_shot: dict,
+    federated: dict,
+    local: dict | None,
+    cent: dict | None,
+    serving,
+    base,
+    total_s: float,
+    stages: dict,
+    data_dir: Path,
+) -> dict:
+    """The report.json contract (see README): methods in percent, rounds, traffic, broker."""
+    default = federated[cfg.federated.default]
+
+    def final_metrics(run) -> dict:
+        return metric_subset(run.rounds[-1]["global"])
+
+    methods = {"zero_shot": metric_subset(zero_shot), "federated": final_metrics(default)}
+    if local:
+        methods["local_only"] = metric_subset(local["mean"])
+        methods["local_only_best"] = metric_subset(local["best"])
+    if cent:
+        methods["centralized"] = metric_subset(cent)
+    for name, run in federated.items():
+        methods[f"federated_{name}"] = final_metrics(run)
+    rounds = [
+        {"round": i, **metric_subset(r["global"])}
+        for i, r in enumerate(default.rounds)
+        if "global" in r and i > 0
+    ]
+    per_strategy = {
+        name: [
+            {"round": i, **metric_subset(r["global"])}
+            for i, r in enumerate(run.rounds)
+            if "global" in r
+        ]
+        for name, run in federated.items()
+    }
+    round_s = default.round_seconds
+    report = {
+        "methods": methods,
+        "rounds": rounds,
+        "strategies": per_strategy,
+        "communication": {
+            "adapter_bytes_per_node_per_round": int(default.payload_bytes),
+            "full_model_bytes": int(default.model_parameters * 4),
+            "image_bytes_sent": 0,
+            "fraction_of_full_model": default.payload_fraction,
+            "per_strategy": {n: int(r.payload_bytes) for n, r in federated.items()},
+        },
+        "timing": {
+            "total_s": round(total_s, 1),
+            "per_round_s": round(sum(round_s) / max(1, len(round_s)), 2),
+            "stages_s": stages,
+        },
+        "setup": {
+            "data": str(data_dir),
+            "base_model": base.version,
+            "nodes": None,
+            "config": _jsonable(asdict(cfg)),
+            "local_only_per_node": local["per_node"] if local else None,
+        },
+    }
+    if serving is not None:
+        import numpy as np
+
+        lat = np.array(serving.latencies_ms)
+        report["broker"] = {
+            "queries": serving.queries,
+            "p50_ms": round(float(np.percentile(lat, 50)), 2),
+            "p99_ms": round(float(np.percentile(lat, 99)), 2),
+            "coverage": serving.coverage_full,
+            "R1": round(serving.metrics["R1"], 2),
+            "metrics": metric_subset(serving.metrics),
+            "offline": metric_subset(serving.offline),
+            "matches_offline": bool(serving.matches_offline),
+            "max_metric_diff": serving.max_metric_diff,
+            "top10_agreement": serving.top10_agreement,
+            "hot_swap_s": round(serving.swap_seconds, 1),
+            "merge": serving.merge_modes,
+        }
+    return report
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
