@@ -113,6 +113,14 @@ def read_manifest(adapter_dir: str | Path) -> AdapterManifest:
         raise AdapterMismatch(f"{path / MANIFEST_FILE}: unreadable manifest ({err})") from err
 
 
+def adapter_version_of(adapter_dir: str | Path | None) -> str:
+    """The adapter's short fingerprint from its manifest ("" for the base model): the same
+    on every node that holds the same weights, so versions compare across the fleet."""
+    if adapter_dir is None:
+        return ""
+    return read_manifest(adapter_dir).adapter_version
+
+
 def load_adapter(
     model: DualEncoder, adapter_dir: str | Path, *, trainable: bool = False
 ) -> PeftModel:

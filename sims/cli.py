@@ -18,7 +18,8 @@ COMMAND_MODULES = (
     "common.cli",  # train, eval
     "sims.synth.cli",  # synth, pretrain
     "edge_node.cli",  # node serve, export
-    "server.cli",  # broker serve, query, fl
+    "server.broker.cli",  # broker serve
+    "server.operator.cli",  # query
     "sims.simulation.fl_cli",  # fl simulate (runs ServerApp + ClientApp in one process)
     "sims.simulation.cli",  # sim, demo, bench
 )
@@ -32,13 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:  # a real missing dependency, not a not-yet-written module
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from edge_node.accel.manifest import DEFAULT_OPSET, EXPORTERS, PRECISIONS
+from edge_node.accel.registry import BACKENDS, EXPORT_FORMATS
+
 
 def register_export(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -20,11 +23,11 @@ def register_export(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="config name, model directory or hf:<id>")
     p.add_argument("--adapter", type=Path, default=None, help="adapter directory to merge in")
-    p.add_argument("--format", dest="fmt", choices=("onnx", "tensorrt"), default="onnx")
+    p.add_argument("--format", dest="fmt", choices=EXPORT_FORMATS, default="onnx")
     p.add_argument("--out", required=True, type=Path, help="export directory (replaced)")
     p.add_argument(
         "--precision",
-        choices=("fp32", "fp16", "int8"),
+        choices=PRECISIONS,
         default=None,
         help="default: fp32 for onnx, fp16 for tensorrt",
     )
@@ -41,10 +44,10 @@ def register_export(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also quantise the text tower (faster queries; cost 2.3 Rank-1 points measured)",
     )
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument(
         "--exporter",
-        choices=("torchscript", "dynamo"),
+        choices=EXPORTERS,
         default="torchscript",
         help="torch.onnx exporter (torchscript: fast, TensorRT-proven; dynamo: torch.export)",
     )
@@ -52,15 +55,16 @@ def register_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from common.adapters import adapter_version_of
     from common.factory import create_model
-    from edge_node.accel.backend import adapter_version_of
     from edge_node.accel.export import export_model, load_calibration_images
+    from edge_node.accel.registry import format_module
 
-    precision = args.precision or ("fp16" if args.fmt == "tensorrt" else "fp32")
-    if args.fmt == "tensorrt":
-        from edge_node.accel.trt import import_tensorrt
-
-        import_tensorrt()  # fail before the slow part, with the install steps
+    default = next(e.precision for e in BACKENDS.values() if e.export_format == args.fmt)
+    precision = args.precision or default
+    require = getattr(format_module(args.fmt), "require", None)
+    if require is not None:
+        require()  # fail before the slow part, with the install steps
     calib = None
     if args.calib_data is not None:
         calib = load_calibration_images(args.calib_data, limit=args.calib_images)

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.adapters import adapter_version_of
 from common.errors import ConfigError
+from common.factory import create_model
 
 
 def require_cuda(device: str = "cuda") -> str:
@@ -47,17 +49,6 @@ class CudaBackend:
             " (fp16 autocast)" if fp16 else " (fp32)"
         )
 
-    @classmethod
-    def load(
-        cls, model_spec: str, adapter: Path | None = None, device: str = "cuda"
-    ) -> CudaBackend:
-        from common.factory import create_model
-        from edge_node.accel.backend import adapter_version_of
-
-        device = require_cuda(device)
-        model = create_model(model_spec, adapter=adapter, device=device)
-        return cls(model, adapter_version=adapter_version_of(adapter))
-
     def _autocast(self):
         torch = self._torch
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16)
@@ -78,3 +69,9 @@ class CudaBackend:
         with torch.inference_mode(), self._autocast():
             out = self.model.encode_image(torch.as_tensor(pixels))
         return np.ascontiguousarray(out.float().numpy(), dtype=np.float32)
+
+
+def load(model_spec: str, adapter: Path | None = None, device: str = "cuda") -> CudaBackend:
+    device = require_cuda(device)
+    model = create_model(model_spec, adapter=adapter, device=device)
+    return CudaBackend(model, adapter_version=adapter_version_of(adapter))

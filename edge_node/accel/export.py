@@ -2,17 +2,10 @@
 
 Why: embedding the gallery is the node's heaviest work. ONNX Runtime (CPU nodes) and
 TensorRT (Jetsons) run the same graphs much faster than PyTorch eager, but only if the
-graphs are exactly the model the node is supposed to serve. So an export directory holds
-
-    fedretrieve_export.json   manifest: model spec and version, adapter version, input size,
-                              normalisation, embedding dim, text length, sha256 of every file
-    image.onnx                (batch, 3, H, W) float32 normalised pixels -> (batch, D) unit rows
-    text.onnx                 input_ids, attention_mask (batch, seq) int64 -> (batch, D) unit rows
-    tokenizer/                the text tower's tokenizer (no hub needed on the node)
-    image.plan, text.plan     TensorRT engines (format "tensorrt" only)
-
-and `open_export` refuses a directory whose manifest names another model version or
-adapter version, or whose files do not match their checksums.
+graphs are exactly the model the node is supposed to serve: what an export directory
+holds, and how a node checks it, is `edge_node.accel.manifest`. A format that needs a
+step after the ONNX graphs (TensorRT builds engines) names it in its backend module
+(`finish_export`), found through `edge_node.accel.registry`.
 
 The text graph pools CLIP towers at the end-of-text token with a float one-hot built from
 the attention mask (position = mask length - 1), not with transformers' int64 ArgMax over
@@ -22,12 +15,11 @@ which is what our tokenizers produce (the parity tests check it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,105 +29,19 @@ from torch import nn
 
 from common.adapters import replace_dir
 from common.errors import AdapterMismatch, ConfigError
-
-MANIFEST_FILE = "fedretrieve_export.json"
-FORMAT_VERSION = 1
-FORMATS = ("onnx", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
-EXPORTERS = ("torchscript", "dynamo")
-DEFAULT_OPSET = 18  # >= 17 so LayerNormalization is one native op (ORT and TensorRT)
-IMAGE_INPUTS = ("pixels",)
-TEXT_INPUTS = ("input_ids", "attention_mask")
-OUTPUT = "embeds"  # not "embedding": that name collides with HF module names in the graph
-
-
-@dataclass(frozen=True)
-class ExportManifest:
-    """What an export directory holds and which model it is; `check` refuses mismatches."""
-
-    format: str  # "onnx" or "tensorrt"
-    precision: str  # fp32 | fp16 | int8
-    model_spec: str  # what the exporter was given (config name, model dir, hf:<id>)
-    model_name: str
-    model_version: str  # DualEncoder.version: base fingerprint (+ adapter fingerprint)
-    adapter_version: str  # "" for the base model
-    embed_dim: int
-    preprocess: dict  # PreprocessCfg.to_dict(): size (H, W), mean, std, resize
-    text_max_length: int
-    max_batch: int
-    opset: int
-    exporter: str
-    graphs: dict  # {"image": file, "text": file}; engines for tensorrt
-    files: dict = field(default_factory=dict)  # relative path -> sha256
-    quantization: dict = field(default_factory=dict)  # per tower: mode, calibration images
-    tools: dict = field(default_factory=dict)  # library versions that wrote the export
-    format_version: int = FORMAT_VERSION
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        h, w = self.preprocess["size"]
-        return int(h), int(w)
-
-    def check(self, *, model_version: str | None, adapter_version: str | None, where: str) -> None:
-        """Refuse an export made for another model or adapter (the node calls this)."""
-        if model_version is not None and self.model_version != model_version:
-            raise AdapterMismatch(
-                f"export {where} holds model {self.model_version!r} (spec {self.model_spec!r}); "
-                f"this node runs {model_version!r}: re-export with `fedretrieve export "
-                "--model SPEC [--adapter DIR]` for the node's model"
-            )
-        if adapter_version is not None and self.adapter_version != adapter_version:
-            have = self.adapter_version or "none (base model)"
-            want = adapter_version or "none (base model)"
-            raise AdapterMismatch(
-                f"export {where} was made with adapter {have}; this node's adapter is {want}: "
-                "re-export with the node's current adapter"
-            )
-
-
-def read_manifest(export_dir: str | Path) -> ExportManifest:
-    path = Path(export_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise ConfigError(
-            f"{export_dir} is not a fedretrieve export ({MANIFEST_FILE} missing); "
-            "create one with `fedretrieve export`"
-        )
-    try:
-        data = json.loads(path.read_text())
-        manifest = ExportManifest(**data)
-    except (json.JSONDecodeError, TypeError) as err:
-        raise ConfigError(f"{path}: unreadable export manifest ({err})") from err
-    if manifest.format_version != FORMAT_VERSION:
-        raise ConfigError(
-            f"{path}: export format {manifest.format_version}, this build reads "
-            f"{FORMAT_VERSION}; re-export"
-        )
-    return manifest
-
-
-def open_export(
-    export_dir: str | Path,
-    *,
-    model_version: str | None = None,
-    adapter_version: str | None = None,
-    fmt: str | None = None,
-) -> ExportManifest:
-    """Read, verify (checksums) and check an export against what the node runs."""
-    root = Path(export_dir)
-    manifest = read_manifest(root)
-    if fmt is not None and manifest.format != fmt:
-        raise ConfigError(f"export {root} is format {manifest.format!r}, expected {fmt!r}")
-    for rel, digest in manifest.files.items():
-        target = root / rel
-        if not target.is_file():
-            raise AdapterMismatch(f"export {root}: {rel} is missing (incomplete copy?)")
-        if _sha256(target) != digest:
-            raise AdapterMismatch(
-                f"export {root}: {rel} does not match its manifest checksum "
-                "(partially copied or modified after export)"
-            )
-    manifest.check(model_version=model_version, adapter_version=adapter_version, where=str(root))
-    return manifest
+from edge_node.accel.manifest import (
+    DEFAULT_OPSET,
+    EXPORTERS,
+    IMAGE_INPUTS,
+    MANIFEST_FILE,
+    OUTPUT,
+    PRECISIONS,
+    TEXT_INPUTS,
+    ExportManifest,
+    sha256_of,
+)
+from edge_node.accel.quantize import quantize_export
+from edge_node.accel.registry import EXPORT_FORMATS, format_module
 
 
 # ---------------------------------------------------------------------- graphs
@@ -252,8 +158,8 @@ def export_model(
     export. INT8: the image graph is statically quantised on `calib_images` (gallery
     crops) when given and convolutional, dynamically otherwise; the text graph stays fp32
     unless `quantize_text` (it cost Rank-1 points; see edge_node.accel.quantize)."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"`format` must be one of {FORMATS}, got {fmt!r}")
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"`format` must be one of {EXPORT_FORMATS}, got {fmt!r}")
     if precision not in PRECISIONS:
         raise ConfigError(f"`precision` must be one of {PRECISIONS}, got {precision!r}")
     if fmt == "onnx" and precision == "fp16":
@@ -269,8 +175,6 @@ def export_model(
         graphs = export_onnx_graphs(model, tmp, opset=opset, exporter=exporter)
         quant = {}
         if precision == "int8":
-            from edge_node.accel.quantize import quantize_export
-
             quant = quantize_export(
                 tmp,
                 graphs,
@@ -297,10 +201,10 @@ def export_model(
             quantization=quant,
             tools=_tool_versions(),
         )
-        if fmt == "tensorrt":
-            if build_engines is None:
-                from edge_node.accel.trt import build_engines
-            manifest = _replace(manifest, graphs=build_engines(tmp, manifest))
+        finish = getattr(format_module(fmt), "finish_export", None)
+        if finish is not None:
+            finish = build_engines or finish  # tests build stand-in engines without TensorRT
+            manifest = _replace(manifest, graphs=finish(tmp, manifest))
         manifest = _replace(manifest, files=_checksums(tmp))
         (tmp / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True))
         replace_dir(tmp, out)
@@ -316,18 +220,10 @@ def _replace(manifest: ExportManifest, **changes) -> ExportManifest:
 
 def _checksums(root: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(root)): _sha256(p)
+        str(p.relative_to(root)): sha256_of(p)
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != MANIFEST_FILE
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _tool_versions() -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The `onnxruntime` embedding backend: runs an export directory on CPU (or any ORT provider).
 
-Same interface as `edge_node.accel.backend.TorchBackend` (encode_text, encode_images, version,
+Same interface as `edge_node.accel.eager.TorchBackend` (encode_text, encode_images, version,
 adapter_version, embed_dim, name, note), same preprocessing (the manifest's PreprocessCfg)
 and the same tokenizer (saved inside the export), so its embeddings match torch eager to
 cosine >= 0.9999 in fp32 (tests/edge_node/test_export.py).
@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.adapters import adapter_version_of
 from common.preprocess import PreprocessCfg, to_batch
-from edge_node.accel.export import ExportManifest, open_export
+from edge_node.accel.manifest import ExportManifest, open_export
+from edge_node.accel.resolve import resolve_export
 
 
 class OrtBackend:
@@ -100,3 +102,10 @@ class OrtBackend:
             pixels = to_batch(list(images[i : i + self.batch_size]), self.preprocess).numpy()
             out.append(self.encode_pixels(pixels))
         return np.concatenate(out)
+
+
+def load(model_spec: str, adapter: Path | None = None, device: str = "cpu") -> OrtBackend:
+    path, how = resolve_export(model_spec, adapter, fmt="onnx", precision="fp32")
+    backend = OrtBackend(path, adapter_version=adapter_version_of(adapter))
+    backend.note = f"onnxruntime {backend.precision}, {how}: {path}"
+    return backend

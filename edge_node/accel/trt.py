@@ -20,9 +20,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.adapters import adapter_version_of
 from common.errors import ConfigError
 from common.preprocess import PreprocessCfg, to_batch
-from edge_node.accel.export import IMAGE_INPUTS, OUTPUT, TEXT_INPUTS, ExportManifest, open_export
+from edge_node.accel.manifest import (
+    IMAGE_INPUTS,
+    OUTPUT,
+    TEXT_INPUTS,
+    ExportManifest,
+    open_export,
+)
+from edge_node.accel.resolve import resolve_export
 
 log = logging.getLogger(__name__)
 
@@ -235,3 +243,15 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     """Re-normalise in fp32: FP16 engines leave rows a few 1e-4 away from unit length."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+require = import_tensorrt  # registry hook: fail fast, with the install steps
+finish_export = build_engines  # registry hook: the step after the ONNX graphs
+
+
+def load(model_spec: str, adapter: Path | None = None, device: str = "cuda:0") -> TrtBackend:
+    import_tensorrt()  # fail fast, with the install steps, before exporting anything
+    path, how = resolve_export(model_spec, adapter, fmt="tensorrt", precision="fp16")
+    backend = TrtBackend(path, adapter_version=adapter_version_of(adapter), device=device)
+    backend.note = f"tensorrt {backend.manifest.precision}, {how}: {path}"
+    return backend

@@ -24,7 +24,6 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from sims.bench.workload import percentiles, sample_captions
+from sims.node_process import run_json_child, start_node_processes, write_node_config
 
 MODES = ("broker_embeds", "node_encodes")  # who encodes the query text
 
@@ -54,42 +54,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-# ---------------------------------------------------------------- node subprocess
-def serve_node(data_dir: str, node_id: str, vectors: int, model: str, seed: int) -> int:
-    """Child process: fill a node's gallery + index, serve it, print its port, wait."""
+# ---------------------------------------------------------------- node processes
+def prepare_node(config_path: str, vectors: int, seed: int) -> dict:
+    """Child process: fill a node's gallery and index (random unit vectors under the
+    model's real version), save, exit; the daemon then serves what is on disk."""
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     from PIL import Image
 
-    from edge_node.config import IndexSettings, Limits, NodeConfig
-    from edge_node.serving.daemon import create_server, shutdown
+    from edge_node.config import load_node_config
     from edge_node.serving.gallery import Gallery, IngestItem
     from edge_node.serving.indexer import normalise
     from edge_node.serving.node import Node
 
     t0 = time.perf_counter()
-    config = NodeConfig(
-        node_id=node_id,
-        data_dir=Path(data_dir),
-        listen="127.0.0.1:0",
-        model=model,
-        adapter_dir=None,
-        torch_threads=1,
-        grace_s=1.0,
-        index=IndexSettings(save_interval_s=3600.0),
-        limits=Limits(max_k=100, grpc_workers=4),
-    )
+    config = load_node_config(Path(config_path))
     rng = np.random.default_rng(seed)
     gallery = Gallery(config.data_dir / "gallery", config.limits)
-    have = len(gallery)
-    for start in range(have, vectors, 256):
+    for start in range(len(gallery), vectors, 256):
         items = []
         for i in range(start, min(start + 256, vectors)):
             buf = io.BytesIO()
             pixels = rng.integers(0, 255, size=(16, 8, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(buf, format="PNG")
-            items.append(IngestItem(buf.getvalue(), f"{node_id}-cam{i % 4}", 1_700_000_000_000 + i))
+            camera = f"{config.node_id}-cam{i % 4}"
+            items.append(IngestItem(buf.getvalue(), camera, 1_700_000_000_000 + i))
         gallery.ingest(items)
     gallery.close()
     node = Node.open(config)
@@ -101,44 +91,42 @@ def serve_node(data_dir: str, node_id: str, vectors: int, model: str, seed: int)
         )
         gen.index.add(missing.astype(np.int64), fill)
         node.save_index()
-    server, port, node = create_server(config, node=node)
-    server.start()
-    ready = {"port": port, "pid": os.getpid(), "prepare_s": round(time.perf_counter() - t0, 1)}
-    print(json.dumps(ready), flush=True)
-    sys.stdin.read()  # the parent closes our stdin to stop us
-    shutdown(server, node, 1.0)
-    return 0
+    node.close()
+    return {"prepare_s": round(time.perf_counter() - t0, 1)}
 
 
 def start_nodes(count: int, work: Path, vectors: int, model: str) -> list[dict]:
-    procs = []
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    """`count` real node daemons on loopback, without tokens, each serving `vectors`."""
+    files, prepared = [], []
     for i in range(count):
         node_id = f"bench-node-{i}"
-        cmd = [sys.executable, "-m", "sims.bench.broker", "_node", str(work / node_id), node_id]
-        cmd += [str(vectors), model, str(i)]
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        f = write_node_config(
+            work / node_id,
+            node_id,
+            model=model,
+            with_token=False,
+            adapter_dir="",
+            torch_threads=1,
+            grace_s=1.0,
+            sections={
+                "index": {"save-interval-s": 3600.0},
+                "limits": {"max-k": 100, "grpc-workers": 4},
+            },
         )
-        procs.append({"id": node_id, "proc": proc})
-    for node in procs:
-        line = node["proc"].stdout.readline()
-        if not line:
-            stop_nodes(procs)
-            raise RuntimeError(f"{node['id']} exited before it was ready (see its stderr)")
-        node.update(json.loads(line))
-    return procs
+        args = ["_prepare", str(f.config_path), str(vectors), str(i)]
+        prepared.append(run_json_child("sims.bench.broker", args, timeout_s=1800, omp_threads=1))
+        files.append(f)
+    procs = start_node_processes(files, ready_timeout_s=300)
+    return [
+        {"id": p.node_id, "port": int(p.address.rpartition(":")[2]), "pid": p.proc.pid,
+         "process": p, **ready}
+        for p, ready in zip(procs, prepared, strict=True)
+    ]  # fmt: skip
 
 
-def stop_nodes(procs: list[dict]) -> None:
-    for node in procs:
-        if node["proc"].poll() is None:
-            node["proc"].stdin.close()
-    for node in procs:
-        try:
-            node["proc"].wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            node["proc"].kill()
+def stop_nodes(nodes: list[dict]) -> None:
+    for node in nodes:
+        node["process"].stop(timeout_s=30)
 
 
 # ---------------------------------------------------------------- measurement
@@ -304,10 +292,9 @@ def print_row(row: dict) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 7 and sys.argv[1] == "_node":
-        sys.exit(
-            serve_node(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
-        )
+    if len(sys.argv) == 5 and sys.argv[1] == "_prepare":
+        print(json.dumps(prepare_node(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+        sys.exit(0)
     parser = argparse.ArgumentParser(prog="python -m sims.bench.broker")
     register_bench(parser.add_subparsers(dest="bench", required=True))
     parsed = parser.parse_args()

@@ -25,7 +25,6 @@ import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from sims.bench.workload import percentiles, sample_captions
+from sims.node_process import run_json_child
 
 
 def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
@@ -250,14 +250,9 @@ def run_ingest(args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------- parent
 def _child(kind: str, **options) -> dict:
-    cmd = [sys.executable, "-m", "sims.bench.node", kind]
-    for key, value in options.items():
-        cmd += [f"--{key}", str(value)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """One measurement in a fresh process, so its resident memory is the node's alone."""
+    args = [kind] + [item for key, value in options.items() for item in (f"--{key}", str(value))]
+    return run_json_child("sims.bench.node", args, timeout_s=3600)
 
 
 def main(args: argparse.Namespace) -> int:

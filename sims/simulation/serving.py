@@ -14,23 +14,26 @@ import logging
 import os
 import secrets
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 from tqdm.auto import tqdm
 
 from common.datasets import Record
 from common.errors import Unavailable
 from common.metrics import retrieval_metrics
-from protos import broker_pb2, node_pb2, node_pb2_grpc
+from protos import broker_pb2, node_pb2
+from sims.node_process import (
+    NodeFiles,
+    NodeProcess,
+    start_node_processes,
+    wait_until,
+    write_node_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,40 +47,6 @@ class ServingSettings:
     swap_timeout_s: float = 180.0
     sheet_queries: int = 3  # queries drawn in the report's contact sheet
     sheet_k: int = 8
-
-
-@dataclass
-class NodeProcess:
-    node_id: str
-    address: str
-    token: str
-    config_path: Path
-    adapter_dir: Path
-    log_path: Path
-    proc: subprocess.Popen
-    channel: grpc.Channel = field(init=False)
-    stub: node_pb2_grpc.NodeServiceStub = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.channel = grpc.insecure_channel(self.address)
-        self.stub = node_pb2_grpc.NodeServiceStub(self.channel)
-
-    @property
-    def metadata(self) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {self.token}")]
-
-    def status(self, timeout: float = 5.0) -> node_pb2.StatusResponse:
-        return self.stub.Status(node_pb2.StatusRequest(), timeout=timeout, metadata=self.metadata)
-
-    def stop(self) -> None:
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @dataclass
@@ -95,63 +64,21 @@ class ServingResult:
     sheet_queries: list[str]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_node(node_id: str, root: Path, model: str, max_k: int) -> NodeProcess:
-    """Write the node's TOML file and start its daemon as a separate process."""
-    root.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_hex(16)
-    (root / "token").write_text(token)
-    address = f"127.0.0.1:{free_port()}"
-    config = root / "node.toml"
-    config.write_text(
-        f'node-id = "{node_id}"\n'
-        f'data-dir = "data"\n'
-        f'listen = "{address}"\n'
-        f'model = "{model}"\n'
-        f'adapter-dir = "adapters"\n'
-        "adapter-poll-s = 0.5\n"
-        'drop-dir = ""\n'
-        "torch-threads = 1\n"
-        "grace-s = 2.0\n"
-        "[index]\nembed-batch-size = 64\nsave-interval-s = 5.0\n"
-        '[auth]\ntoken-file = "token"\n'
-        f"[limits]\nmax-k = {max_k}\nmax-ingest-batch = 256\n"
+def node_files(node_id: str, root: Path, model: str, max_k: int) -> NodeFiles:
+    """The node's config, as the simulation needs it."""
+    return write_node_config(
+        root,
+        node_id,
+        model=model,
+        adapter_poll_s=0.5,
+        drop_dir="",
+        torch_threads=1,
+        grace_s=2.0,
+        sections={
+            "index": {"embed-batch-size": 64, "save-interval-s": 5.0},
+            "limits": {"max-k": max_k, "max-ingest-batch": 256},
+        },
     )
-    (root / "adapters").mkdir(exist_ok=True)
-    log_path = root / "node.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    with log_path.open("w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sims.cli", "node", "serve", "--config", str(config)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    return NodeProcess(node_id, address, token, config, root / "adapters", log_path, proc)
-
-
-def wait_until(what: str, check, timeout: float, nodes: Sequence[NodeProcess]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for node in nodes:
-            if node.proc.poll() is not None:
-                tail = node.log_path.read_text()[-2000:]
-                raise Unavailable(
-                    f"node {node.node_id} exited ({node.proc.returncode}) while "
-                    f"waiting for {what}; its log ends:\n{tail}"
-                )
-        try:
-            if check():
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.25)
-    raise Unavailable(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def ingest(node: NodeProcess, records: Sequence[Record], root: Path, batch: int = 128) -> int:
@@ -216,7 +143,10 @@ def run_serving(
     from server.operator.output import write_contact_sheet
 
     gallery = sum(len(v) for v in test_by_node.values())
-    nodes = [start_node(nid, out / nid, base_model, max_k=gallery) for nid in sorted(test_by_node)]
+    nodes = start_node_processes(
+        [node_files(nid, out / nid, base_model, max_k=gallery) for nid in sorted(test_by_node)],
+        ready_timeout_s=settings.start_timeout_s,
+    )
     server = broker = None
     try:
         wait_until(

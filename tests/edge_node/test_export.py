@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw
 
 from common.errors import AdapterMismatch, ConfigError
 from common.factory import create_model
-from edge_node.accel.export import MANIFEST_FILE, export_model, open_export
+from edge_node.accel.export import export_model
+from edge_node.accel.manifest import MANIFEST_FILE, open_export
 from edge_node.accel.ort import OrtBackend
 
 CAPTIONS = [

@@ -41,7 +41,7 @@ def adapter_dir(tmp_path_factory):
 
 
 def test_adapter_is_merged_before_export(adapter_dir, tmp_path):
-    from edge_node.accel.backend import adapter_version_of
+    from common.adapters import adapter_version_of
     from edge_node.accel.ort import OrtBackend
 
     merged = create_model("tiny", adapter=adapter_dir)

@@ -11,7 +11,7 @@ from broker_fixtures import OPERATOR_TOKEN, ScriptedNode, broker_config, closed_
 from PIL import Image
 
 from common.errors import InvalidQuery
-from server.cli import parse_time
+from server.operator.cli import parse_time
 from sims.cli import main
 
 pytestmark = pytest.mark.timeout(60)

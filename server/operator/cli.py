@@ -1,8 +1,8 @@
-"""Server-side commands: `broker serve`, the operator's `query`, and `fl` (federated training).
+"""`fedretrieve query`: the operator asks the whole camera network through the broker.
 
-Heavy imports (grpc stubs, PIL, the model) happen inside handlers so `fedretrieve --help`
-stays fast. Operator mistakes and broker refusals leave as FedRetrieveError subclasses,
-which `sims.cli.main` prints as one line, never as a traceback.
+Arguments are validated here, before any network, with messages that say what to type;
+broker refusals leave as FedRetrieveError subclasses, which `sims.cli.main` prints as one
+line, never as a traceback. Heavy imports (grpc stubs, PIL) happen inside the handler.
 """
 
 from __future__ import annotations
@@ -22,30 +22,6 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    register_broker(subparsers)
-    register_query(subparsers)
-
-
-# ---------------------------------------------------------------- broker serve
-def register_broker(subparsers: argparse._SubParsersAction) -> None:
-    broker = subparsers.add_parser("broker", help="the query broker (BrokerService)")
-    sub = broker.add_subparsers(dest="broker_command", metavar="SUBCOMMAND", required=True)
-    serve = sub.add_parser("serve", help="run the broker until SIGTERM")
-    serve.add_argument(
-        "--config", required=True, help="broker TOML (see server/broker/broker.example.toml)"
-    )
-    serve.set_defaults(func=run_broker_serve)
-
-
-def run_broker_serve(args: argparse.Namespace) -> int:
-    from server.broker.config import load_broker_config
-    from server.broker.daemon import serve
-
-    return serve(load_broker_config(args.config))
-
-
-# ---------------------------------------------------------------- query
-def register_query(subparsers: argparse._SubParsersAction) -> None:
     q = subparsers.add_parser(
         "query",
         help="ask the whole camera network a question through the broker",
