@@ -2,7 +2,8 @@
 
 Every message names the offending value and, where there is one, the way out. Services
 translate these to `grpc.StatusCode` through `STATUS_CODES`; anything else is a bug and
-leaves as INTERNAL without its stack trace (see edge_node/ and server/ interceptors).
+leaves as INTERNAL without its stack trace (`common.rpc.errors.translate_errors`, used by
+both services).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ prints one JSON line as its result, for benchmarks that must measure a process o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -211,6 +212,7 @@ def start_node_processes(
 def _wait_ready(proc: subprocess.Popen, timeout_s: float, node_id: str, log_path: Path) -> str:
     """The address from the daemon's READY line, read with a deadline."""
     deadline = time.monotonic() + timeout_s
+    eof = False
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ)
         while (left := deadline - time.monotonic()) > 0:
@@ -219,10 +221,14 @@ def _wait_ready(proc: subprocess.Popen, timeout_s: float, node_id: str, log_path
                     break
                 continue
             line = proc.stdout.readline()
-            if not line:  # stdout closed: the daemon exited
+            if not line:  # stdout closed: the daemon is exiting
+                eof = True
                 break
             if line.startswith(READY_PREFIX):
                 return line[len(READY_PREFIX) :].strip()
+    if eof:  # stdout closes a moment before the process can be reaped
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
     proc.poll()
     state = f"exited ({proc.returncode})" if proc.returncode is not None else "not ready"
     tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
