@@ -2,15 +2,18 @@
 
 TOML keys are kebab-case (Flower's convention), attributes snake_case; the conversion and
 the rejection of unknown keys happen here, once, so every process fails at start with a
-message naming the bad key instead of misbehaving later.
+message naming the bad key instead of misbehaving later. Paths in a config file are
+resolved here too (`resolve_path`), against the file's folder, with one meaning of "".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +40,42 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return snake_keys(data)
 
 
+def kebab(name: str) -> str:
+    """The TOML spelling of an attribute name: `max_k` -> `max-k` (for messages)."""
+    return name.replace("_", "-")
+
+
+def resolve_path(value: Any, base: Path | str, where: str) -> str | None:
+    """A config path made absolute: `~` expanded, a relative one joined to `base` (the
+    config file's folder), `..` collapsed, symlinks left alone (a watched `latest` link
+    must keep being followed).
+
+    "" means *not set* and gives None, never `Path("")`, which would be the working
+    directory. Anything but a string is a ConfigError naming `where`.
+    """
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: must be a path string, got {value!r}")
+    if not value:
+        return None
+    return os.path.abspath(Path(base) / Path(value).expanduser())
+
+
+def resolve_paths(
+    table: dict[str, Any], names: Iterable[str], base: Path | str, section: str
+) -> None:
+    """`resolve_path` on the keys `names` of `table`, in place. A key set to "" is removed:
+    not set, so the field keeps its default (None or ""). `section` prefixes the key in
+    messages ("auth" -> "auth.tls-cert"); "" for top-level keys."""
+    for name in names:
+        if name in table:
+            where = f"{section}.{kebab(name)}" if section else kebab(name)
+            resolved = resolve_path(table[name], base, where)
+            if resolved is None:
+                del table[name]
+            else:
+                table[name] = resolved
+
+
 def snake_keys(data: Any) -> Any:
     if isinstance(data, dict):
         return {str(k).replace("-", "_"): snake_keys(v) for k, v in data.items()}
@@ -56,13 +95,13 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        allowed = ", ".join(k.replace("_", "-") for k in fields)
-        names = ", ".join(k.replace("_", "-") for k in unknown)
+        allowed = ", ".join(kebab(k) for k in fields)
+        names = ", ".join(kebab(k) for k in unknown)
         raise ConfigError(f"{where}: unknown key(s) {names}; allowed: {allowed}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, f"{where}.{name.replace('_', '-')}")
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{kebab(name)}")
     try:
         return cls(**kwargs)
     except TypeError as err:

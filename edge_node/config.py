@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import from_dict, load_toml, snake_keys
+from common.config import from_dict, kebab, load_toml, resolve_paths, snake_keys
 from common.errors import ConfigError
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
@@ -49,7 +49,7 @@ class IndexSettings:
             value = getattr(self, name)
             _require(
                 isinstance(value, int) and value >= 1,
-                f"[index] {_kebab(name)}",
+                f"[index] {kebab(name)}",
                 "must be an integer >= 1",
                 value,
             )
@@ -91,7 +91,7 @@ class AuthSettings:
             value = getattr(self, name)
             _require(
                 not value or Path(value).is_file(),
-                f"[auth] {_kebab(name)}",
+                f"[auth] {kebab(name)}",
                 "file does not exist",
                 value,
             )
@@ -123,7 +123,7 @@ class Limits:
             value = getattr(self, f.name)
             _require(
                 isinstance(value, int) and value >= 1,
-                f"[limits] {_kebab(f.name)}",
+                f"[limits] {kebab(f.name)}",
                 "must be an integer >= 1",
                 value,
             )
@@ -183,9 +183,9 @@ class NodeConfig:
         _require(self.torch_threads >= 0, "torch-threads", "must be >= 0", self.torch_threads)
         _require(self.faiss_threads >= 0, "faiss-threads", "must be >= 0", self.faiss_threads)
         for name in ("adapter_poll_s", "drop_poll_s"):
-            _require(getattr(self, name) > 0, _kebab(name), "must be > 0", getattr(self, name))
+            _require(getattr(self, name) > 0, kebab(name), "must be > 0", getattr(self, name))
         for name in ("drop_settle_s", "grace_s"):
-            _require(getattr(self, name) >= 0, _kebab(name), "must be >= 0", getattr(self, name))
+            _require(getattr(self, name) >= 0, kebab(name), "must be >= 0", getattr(self, name))
         if self.adapter_dir is not None and self.adapter_dir.exists():
             _require(
                 self.adapter_dir.is_dir(),
@@ -193,10 +193,6 @@ class NodeConfig:
                 "must be a directory",
                 str(self.adapter_dir),
             )
-
-
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def _is_host_port(value: str) -> bool:
@@ -208,28 +204,17 @@ _PATHS = ("data_dir", "adapter_dir", "drop_dir")
 _AUTH_FILES = ("token_file", "tls_cert", "tls_key", "tls_client_ca")
 
 
-def _resolve(value: Any, base: Path, where: str) -> Any:
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: must be a path string, got {value!r}")
-    return str((base / value).resolve()) if value else value
-
-
 def node_config_from_dict(table: dict[str, Any], base_dir: Path | str = ".") -> NodeConfig:
     """Build a NodeConfig from a parsed TOML table (kebab- or snake-case keys); relative
-    paths resolve against `base_dir`, and an empty optional path means "not set"."""
+    paths resolve against `base_dir`, and an empty path means "not set" (the default)."""
     data = snake_keys(table)
+    resolve_paths(data, _PATHS, base_dir, "")
     for required in ("node_id", "data_dir"):
         if required not in data:
-            raise ConfigError(f"{_kebab(required)}: required key is missing")
-    base = Path(base_dir)
-    for name in _PATHS:
-        if name in data:
-            data[name] = _resolve(data[name], base, _kebab(name)) or None
+            raise ConfigError(f"{kebab(required)}: required key is missing or empty")
     auth = data.get("auth")
     if isinstance(auth, dict):
-        for name in _AUTH_FILES:
-            if name in auth:
-                auth[name] = _resolve(auth[name], base, f"auth.{_kebab(name)}")
+        resolve_paths(auth, _AUTH_FILES, base_dir, "auth")
     return from_dict(NodeConfig, data, "node config")
 
 

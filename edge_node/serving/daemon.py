@@ -17,14 +17,13 @@ import time
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from common.errors import ConfigError
+from common.rpc.auth import BearerTokenAuth, server_credentials
+from common.rpc.server import add_health_and_reflection, bind
 from edge_node.config import NodeConfig
 from protos import node_pb2_grpc
 
-from .auth import BearerTokenInterceptor, server_credentials
 from .node import BackendFactory, Node
 from .service import SERVICE_NAME, NodeServicer, query_id_var
 
@@ -40,7 +39,8 @@ def create_server(
     NodeService, health and reflection. The caller starts the server."""
     node = node or Node.open(config, backend_factory)
     token = config.auth.resolved_token()
-    interceptors = [BearerTokenInterceptor(token)] if token else []
+    # reflection needs the token too: see common/rpc/auth.py for the open-method policy
+    interceptors = [BearerTokenAuth((token,))] if token else []
     max_bytes = config.limits.max_message_mb * 1024 * 1024
     server = grpc.server(
         futures.ThreadPoolExecutor(
@@ -54,22 +54,17 @@ def create_server(
         ],
     )
     node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(node), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    credentials = server_credentials(config.auth)
+    add_health_and_reflection(server, (SERVICE_NAME,))
+    auth = config.auth
     try:
-        if credentials is None:
-            port = server.add_insecure_port(config.listen)
-        else:
-            port = server.add_secure_port(config.listen, credentials)
-    except RuntimeError as err:
+        port = bind(
+            server,
+            config.listen,
+            server_credentials(auth.tls_cert, auth.tls_key, auth.tls_client_ca),
+        )
+    except ConfigError:
         node.close()
-        raise ConfigError(f"listen: cannot bind {config.listen}: {err}") from err
+        raise
     if config.metrics_listen:
         node.metrics.serve(config.metrics_listen)
     node.start()

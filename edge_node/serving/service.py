@@ -1,25 +1,24 @@
 """The gRPC NodeService: proto messages in, domain calls, proto messages out.
 
 Why so thin: everything that can be wrong about a request is decided in `Node` (and the
-gallery), where it is tested without gRPC. This module only translates, and `rpc` is the
-one place that turns a domain error into a status code (`common.errors.status_code_for`),
-records the request metrics and carries the request's query_id into every log line.
-An unexpected exception is logged with its traceback and leaves as INTERNAL with a short
-message, never with the stack trace.
+gallery), where it is tested without gRPC. This module only translates; `rpc` is the
+project's one error mapping (`common.rpc.errors.translate_errors`, shared with the
+broker) plus the node's hooks: it records the request metrics and carries the request's
+query_id into every log line. An unexpected exception is logged with its traceback and
+leaves as INTERNAL with a short message, never with the stack trace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-import functools
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
 
-from common.errors import FedRetrieveError, status_code_for
+from common.rpc.errors import translate_errors
 from protos import node_pb2, node_pb2_grpc, retrieval_pb2
 
 from .domain import SearchQuery, SearchResult
@@ -34,32 +33,26 @@ query_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("query_id", d
 SERVICE_NAME = node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
 
 
-def rpc(method: Callable) -> Callable:
-    """Error mapping, metrics and query-id logging around one servicer method."""
-    name = method.__name__
+@contextlib.contextmanager
+def _query_id_scope(request) -> Iterator[None]:
+    """Carry the request's query id into every log line the call writes."""
+    token = query_id_var.set(getattr(request, "query_id", "") or "-")
+    try:
+        yield
+    finally:
+        query_id_var.reset(token)
 
-    @functools.wraps(method)
-    def wrapper(self: NodeServicer, request, context: grpc.ServicerContext):
-        token = query_id_var.set(getattr(request, "query_id", "") or "-")
-        code = grpc.StatusCode.OK
-        t0 = time.perf_counter()
-        try:
-            return method(self, request, context)
-        except FedRetrieveError as err:
-            code = status_code_for(err)
-            log.info("%s refused (%s): %s", name, code.name, err)
-            context.abort(code, str(err))
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("%s failed", name)
-            context.abort(code, f"internal error in {name}; the node log has the details")
-        finally:
-            metrics = self.node.metrics
-            metrics.requests.labels(name, code.name).inc()
-            metrics.latency.labels(name).observe(time.perf_counter() - t0)
-            query_id_var.reset(token)
 
-    return wrapper
+def _record_request(
+    servicer: NodeServicer, method: str, code: grpc.StatusCode, seconds: float
+) -> None:
+    metrics = servicer.node.metrics
+    metrics.requests.labels(method, code.name).inc()
+    metrics.latency.labels(method).observe(seconds)
+
+
+# Error mapping (common.rpc.errors), request metrics and query-id logging, per method.
+rpc = translate_errors("node", on_outcome=_record_request, scope=_query_id_scope)
 
 
 def query_from_proto(request: node_pb2.SearchRequest) -> SearchQuery:

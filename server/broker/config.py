@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import from_dict, load_toml
+from common.config import from_dict, kebab, load_toml, resolve_path, resolve_paths
 from common.errors import ConfigError
 
 
@@ -120,7 +120,7 @@ class BrokerConfig:
         )
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"`{_kebab(name)}` must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"`{kebab(name)}` must be positive, got {getattr(self, name)}")
         if self.adapter_poll_s < 0:
             raise ConfigError(f"`adapter-poll-s` must be >= 0, got {self.adapter_poll_s}")
         if self.merge_margin_ms < 0:
@@ -149,17 +149,6 @@ class BrokerConfig:
         raise KeyError(node_id)
 
 
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _resolve(path: Any, base: Path, where: str) -> str:
-    if not isinstance(path, str) or not path:
-        raise ConfigError(f"{where} must be a non-empty path string, got {path!r}")
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() else (base / p))
-
-
 def _read_secret(path: str, where: str) -> str:
     try:
         return Path(path).read_text().strip()
@@ -169,9 +158,7 @@ def _read_secret(path: str, where: str) -> str:
 
 def _resolve_tls(table: Any, base: Path, where: str) -> Any:
     if isinstance(table, dict):
-        for name in ("cert", "key", "ca"):
-            if name in table:
-                table[name] = _resolve(table[name], base, f"{where}.{name}")
+        resolve_paths(table, ("cert", "key", "ca"), base, where)
     return table
 
 
@@ -180,10 +167,10 @@ def _prepare_node(table: Any, base: Path, index: int) -> Any:
     where = f"nodes[{index}]"
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table ([[nodes]])")
-    if "token_file" in table:
+    path = resolve_path(table.pop("token_file", ""), base, f"{where}.token-file")
+    if path is not None:
         if "token" in table:
             raise ConfigError(f"{where}: give `token` or `token-file`, not both")
-        path = _resolve(table.pop("token_file"), base, f"{where}.token-file")
         table["token"] = _read_secret(path, f"{where}.token-file")
     if "tls" in table:
         table["tls"] = _resolve_tls(table["tls"], base, f"{where}.tls")
@@ -191,7 +178,8 @@ def _prepare_node(table: Any, base: Path, index: int) -> Any:
 
 
 def broker_config_from_dict(data: dict[str, Any], base_dir: Path | str = ".") -> BrokerConfig:
-    """Build a config from parsed TOML (snake_case keys); relative paths from `base_dir`."""
+    """Build a config from parsed TOML (snake_case keys); relative paths from `base_dir`,
+    and a path set to "" is not set (`common.config.resolve_path`)."""
     base = Path(base_dir)
     data = dict(data)
     nodes = data.get("nodes")
@@ -200,14 +188,13 @@ def broker_config_from_dict(data: dict[str, Any], base_dir: Path | str = ".") ->
     data["nodes"] = [
         _prepare_node(dict(t) if isinstance(t, dict) else t, base, i) for i, t in enumerate(nodes)
     ]
-    if "operator_tokens_file" in data:
-        path = _resolve(data.pop("operator_tokens_file"), base, "operator-tokens-file")
+    path = resolve_path(data.pop("operator_tokens_file", ""), base, "operator-tokens-file")
+    if path is not None:
         extra = [t.strip() for t in _read_secret(path, "operator-tokens-file").splitlines()]
         data["operator_tokens"] = [*data.get("operator_tokens", []), *(t for t in extra if t)]
     if "tls" in data:
         data["tls"] = _resolve_tls(dict(data["tls"]), base, "tls")
-    if data.get("adapter"):
-        data["adapter"] = _resolve(data["adapter"], base, "adapter")
+    resolve_paths(data, ("adapter",), base, "")
     return from_dict(BrokerConfig, data, "broker config")
 
 

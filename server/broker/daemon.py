@@ -2,27 +2,26 @@
 
 `create_server(config)` builds everything, binds, starts and returns
 `(server, port, broker)`; `serve(config)` is what `fedretrieve broker serve` runs. The
-servicer only translates between protos and `Broker`; errors leave through one mapping
-(`common.errors.status_code_for`), unexpected ones as INTERNAL without a stack trace.
+servicer only translates between protos and `Broker`; errors leave through the project's
+one mapping (`common.rpc.errors.translate_errors`, shared with the node), unexpected ones
+as INTERNAL without a stack trace. Auth, health and reflection are `common.rpc`'s too.
 """
 
 from __future__ import annotations
 
-import functools
-import hmac
 import logging
 import re
 import signal
 import threading
-from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from common.errors import ConfigError, FedRetrieveError, status_code_for
+from common.errors import ConfigError
+from common.rpc.auth import REFLECTION_PREFIX, BearerTokenAuth, server_credentials
+from common.rpc.errors import translate_errors
+from common.rpc.server import add_health_and_reflection, bind
 from protos import broker_pb2, broker_pb2_grpc
 from server.broker.broker import Broker, TextEncoder, logfmt, new_query_id
 from server.broker.config import BrokerConfig
@@ -33,72 +32,29 @@ from server.broker.registry import NodeRegistry
 log = logging.getLogger(__name__)
 
 BROKER_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name
-# Callable without an operator token: load balancers and grpcurl's `list`/`describe`.
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Callable without an operator token besides health: grpcurl's `list`/`describe` (the
+# open-method policy is in common/rpc/auth.py).
+OPEN_METHOD_PREFIXES = (REFLECTION_PREFIX,)
 QUERY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-class OperatorAuth(grpc.ServerInterceptor):
-    """Bearer-token check for every BrokerService call (UNAUTHENTICATED otherwise)."""
-
-    def __init__(self, tokens: tuple[str, ...]) -> None:
-        self._tokens = tuple(t.encode() for t in tokens)
-
-    def _allowed(self, metadata: tuple[Any, ...]) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                offered = value[len("Bearer ") :].strip().encode()
-                # compare against every token so timing does not reveal which one matched
-                matches = [hmac.compare_digest(offered, t) for t in self._tokens]
-                return any(matches)
-        return False
-
-    def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        if method.startswith(OPEN_METHOD_PREFIXES) or self._allowed(
-            handler_call_details.invocation_metadata
-        ):
-            return continuation(handler_call_details)
-        log.warning(logfmt("auth_refused", method=method))
-        return grpc.unary_unary_rpc_method_handler(_refuse)
+def _count_error(servicer: BrokerServicer, _method: str, code: grpc.StatusCode, _s: float) -> None:
+    if code != grpc.StatusCode.OK:  # answered queries are counted by the broker itself
+        servicer.broker.metrics.observe_error(code.name)
 
 
-def _refuse(request, context):
-    context.abort(
-        grpc.StatusCode.UNAUTHENTICATED,
-        "missing or unknown operator token: send `authorization: Bearer <token>`",
-    )
+def _node_status(err: grpc.RpcError, request: Any) -> tuple[grpc.StatusCode, str]:
+    """The status a failed proxied node call (GetThumbnail) leaves with, naming the node."""
+    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = err.details() if isinstance(err, grpc.Call) else str(err)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        # not the operator's fault: the broker's credentials for that node are wrong
+        code, details = grpc.StatusCode.FAILED_PRECONDITION, f"refused the broker: {details}"
+    return code, f"node {getattr(request, 'node_id', '?')}: {details}"
 
 
-def _translated(method: Callable) -> Callable:
-    """Map domain errors and nodes' statuses to gRPC statuses, in one place."""
-
-    @functools.wraps(method)
-    def wrapper(self: BrokerServicer, request, context):
-        try:
-            return method(self, request, context)
-        except FedRetrieveError as err:
-            code = status_code_for(err)
-            self.broker.metrics.observe_error(code.name)
-            context.abort(code, str(err))
-        except grpc.RpcError as err:  # a proxied node call (GetThumbnail) failed
-            code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
-            details = err.details() if isinstance(err, grpc.Call) else str(err)
-            node_id = getattr(request, "node_id", "?")
-            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                # not the operator's fault: the broker's credentials for that node are wrong
-                code, details = (
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"refused the broker: {details}",
-                )
-            self.broker.metrics.observe_error(code.name)
-            context.abort(code, f"node {node_id}: {details}")
-        except Exception:
-            log.exception("unexpected error in %s", method.__name__)
-            self.broker.metrics.observe_error("INTERNAL")
-            context.abort(grpc.StatusCode.INTERNAL, "internal broker error (see the broker's log)")
-
-    return wrapper
+# The project's one error mapping (common.rpc.errors), with the broker's hooks.
+_translated = translate_errors("broker", on_outcome=_count_error, map_rpc_error=_node_status)
 
 
 class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
@@ -159,33 +115,28 @@ def create_server(
         watcher.start()
         broker.add_closer(watcher.close)
 
-    interceptors = [OperatorAuth(config.operator_tokens)] if config.operator_tokens else []
+    interceptors: list[grpc.ServerInterceptor] = []
+    if config.operator_tokens:
+        interceptors.append(
+            BearerTokenAuth(
+                config.operator_tokens, open_prefixes=OPEN_METHOD_PREFIXES, token_name="operator"
+            )
+        )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="broker"),
         interceptors=interceptors,
         options=server_options(config),
     )
     broker_pb2_grpc.add_BrokerServiceServicer_to_server(BrokerServicer(broker), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", BROKER_SERVICE):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (BROKER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    add_health_and_reflection(server, (BROKER_SERVICE,))
 
-    if config.tls is None:
-        port = server.add_insecure_port(config.listen)
-    else:
-        credentials = grpc.ssl_server_credentials(
-            [(config.tls.read("key"), config.tls.read("cert"))],
-            root_certificates=config.tls.read("ca"),
-            require_client_auth=config.tls.ca is not None,
-        )
-        port = server.add_secure_port(config.listen, credentials)
-    if not port:
-        registry.close()
-        raise ConfigError(f"cannot listen on {config.listen} (address in use or not local?)")
+    tls = config.tls
+    try:
+        credentials = server_credentials(tls.cert, tls.key, tls.ca) if tls else None
+        port = bind(server, config.listen, credentials)
+    except ConfigError:
+        broker.close()  # node channels, health checks and the adapter watcher
+        raise
 
     broker.metrics_port = _start_metrics(config, metrics, broker)
     server.start()
