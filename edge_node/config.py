@@ -18,9 +18,9 @@ from typing import Any
 
 from common.config import from_dict, kebab, load_toml, resolve_paths, snake_keys
 from common.errors import ConfigError
+from edge_node.accel.registry import BACKENDS
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
-BACKENDS = ("torch", "onnxruntime", "tensorrt", "cuda")
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -179,7 +179,8 @@ class NodeConfig:
             "must be text or json",
             self.log_format,
         )
-        _require(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}", self.backend)
+        backends = tuple(BACKENDS)
+        _require(self.backend in backends, "backend", f"must be one of {backends}", self.backend)
         _require(self.torch_threads >= 0, "torch-threads", "must be >= 0", self.torch_threads)
         _require(self.faiss_threads >= 0, "faiss-threads", "must be >= 0", self.faiss_threads)
         for name in ("adapter_poll_s", "drop_poll_s"):
