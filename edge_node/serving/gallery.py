@@ -15,6 +15,7 @@ without touching SQLite.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -139,8 +140,10 @@ def check_image(item: IngestItem, limits: Limits) -> tuple[str, int, int]:
     return fmt, width, height
 
 
+@functools.cache
 def _syncfs_function():
-    """libc's syncfs (Linux): one flush for a whole batch instead of two fsyncs per file."""
+    """libc's syncfs (Linux): one flush for a whole batch instead of two fsyncs per file.
+    None where there is none. Looked up on first use, then remembered for the process."""
     try:
         import ctypes
 
@@ -149,13 +152,11 @@ def _syncfs_function():
         return None
 
 
-_SYNCFS = _syncfs_function()
-
-
 def write_files_durably(files: Sequence[tuple[Path, bytes]], root: Path) -> None:
     """Write each (path, data) as tmp + rename; on return every file and its directory
     entry are on disk (syncfs of the file system, or fsync of each file and directory)."""
-    per_file = _SYNCFS is None
+    syncfs = _syncfs_function()
+    per_file = syncfs is None
     for path, data in files:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -171,7 +172,7 @@ def write_files_durably(files: Sequence[tuple[Path, bytes]], root: Path) -> None
         try:
             if per_file:
                 os.fsync(fd)
-            elif _SYNCFS(fd) != 0:
+            elif syncfs(fd) != 0:
                 raise OSError(ctypes_errno(), f"syncfs failed on {root}")
         finally:
             os.close(fd)

@@ -1,7 +1,8 @@
-"""Which adapter in the adapter dir should be active: discovery only, no model code.
+"""Adapter hot swap: which adapter should be active, loading it, and the re-index's progress.
 
-Why separate: the rule for "a new adapter appeared" must be simple enough to explain to
-the person copying files by hand, and testable without a model. The rule:
+Discovery is `common.adapters` (re-exported here), no model code, so the rule for "a new
+adapter appeared" stays simple enough to explain to the person copying files by hand, and
+testable without a model. The rule:
 
 * `adapter-dir` itself may be an adapter (it holds `fedretrieve_adapter.json`), replaced in
   place by `common.adapters.save_adapter` (which renames a complete directory over it);
@@ -11,10 +12,101 @@ the person copying files by hand, and testable without a model. The rule:
 The newest candidate wins: highest manifest `round`, then latest manifest mtime, then name.
 An adapter is identified by (path, adapter fingerprint), so replacing one in place with new
 weights counts as new. A candidate the node refused is not retried until it changes.
+
+`AdapterSwap` holds the decisions and bookkeeping of a swap (one at a time, refused
+candidates, progress); replacing the active generation itself is `Node.switch_adapter`.
 """
 
 from __future__ import annotations
 
-from common.adapters import AdapterCandidate, latest_adapter, read_candidate
+import dataclasses
+import logging
+import threading
 
-__all__ = ["AdapterCandidate", "latest_adapter", "read_candidate"]
+from common.adapters import AdapterCandidate, latest_adapter, read_candidate
+from common.errors import FedRetrieveError
+from edge_node.config import IndexSettings
+
+from .domain import ReindexState
+from .generation import BackendFactory, Generation
+from .indexer import VectorIndex
+
+__all__ = [
+    "AdapterCandidate",
+    "AdapterSwap",
+    "ReindexProgress",
+    "latest_adapter",
+    "read_candidate",
+]
+
+log = logging.getLogger(__name__)
+
+
+class ReindexProgress:
+    """The running (or last) re-index and the last refusal.
+
+    Written by the swapping thread, read by Status and `wait_indexed` on others: every
+    change and every read holds the lock, and readers get a copy, never a half-updated one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = ReindexState()
+
+    def snapshot(self) -> ReindexState:
+        with self._lock:
+            return dataclasses.replace(self._state)
+
+    @property
+    def running(self) -> bool:
+        with self._lock:
+            return self._state.running
+
+    def begin(self, total: int, target_version: str) -> None:
+        with self._lock:
+            self._state = ReindexState(True, 0, total, target_version, "")
+
+    def advance(self, n: int, gallery_size: int) -> int:
+        """Count `n` more images re-embedded (the gallery may have grown); return the count."""
+        with self._lock:
+            self._state.done += n
+            self._state.total = max(self._state.total, gallery_size)
+            return self._state.done
+
+    def end(self) -> None:
+        with self._lock:
+            self._state.running = False
+
+    def refused(self, reason: str) -> None:
+        with self._lock:
+            self._state.last_error = reason
+
+
+class AdapterSwap:
+    """One hot swap at a time (hold `lock`); refused candidates are remembered."""
+
+    def __init__(self, factory: BackendFactory, settings: IndexSettings) -> None:
+        self.lock = threading.Lock()
+        self.progress = ReindexProgress()
+        self._factory = factory
+        self._settings = settings
+        self._refused: set[tuple[str, str]] = set()  # read and written with `lock` held
+
+    def wanted(self, candidate: AdapterCandidate | None, current: AdapterCandidate | None) -> bool:
+        """Whether to swap to `candidate`: it exists, is not active, was not refused."""
+        if candidate is None or (current is not None and candidate.key == current.key):
+            return False
+        return candidate.key not in self._refused
+
+    def prepare(self, candidate: AdapterCandidate) -> Generation | None:
+        """A new generation (empty index) for `candidate`; None when its model is refused,
+        which is logged, remembered and shown in Status."""
+        try:
+            backend = self._factory(candidate.path)
+        except FedRetrieveError as err:
+            self._refused.add(candidate.key)
+            self.progress.refused(f"{candidate.path.name}: {err}")
+            log.error("adapter %s refused: %s", candidate.path, err)
+            return None
+        index = VectorIndex(backend.embed_dim, self._settings, backend.version)
+        return Generation(backend, index, candidate)

@@ -1,57 +1,36 @@
-"""The node's domain object: gallery + (model, index) generation + background workers.
+"""The node's domain object: gallery + active (model, index) generation + background workers.
 
-Why "generation": a query must be encoded by the same model that embedded the gallery it
-is searched against. The active `Generation` bundles one backend with the index that this
-backend built, and a search reads `self._active` once, so everything it does uses one pair.
-A hot swap builds a complete new generation off to the side (re-embedding the gallery with
-the new model) and then replaces the reference in one assignment; there is no moment when a
-query sees a new text encoder with an old index or the other way round.
-
-Workers (daemon threads, stopped by `close`): the embedder tops up the active index with
-newly ingested images in batches; the adapter watcher looks for new adapters; the drop
-watcher ingests files from the drop folder. None of them runs on a request's thread.
+`Node` answers requests (search, ingest, thumbnail, status) against the active `Generation`
+(see `generation.py`: why a model and its index change together), and ties the rest
+together: `workers` (the threads and the embedder), `hotswap` (which adapter, refused ones,
+re-index progress) and `index_store` (the saved index, one save at a time). Replacing the
+active generation is the one thing only `Node` does: `switch_adapter`.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from common.errors import FedRetrieveError, InvalidQuery
-from edge_node.accel.backend import EmbeddingBackend, load_backend
+from edge_node.accel.backend import load_backend
 from edge_node.config import NodeConfig
 
-from .domain import NodeStatus, ReindexState, SearchHit, SearchQuery, SearchResult, Thumbnail
+from .domain import NodeStatus, SearchHit, SearchQuery, SearchResult, Thumbnail
 from .dropfolder import DropFolder
 from .gallery import Gallery, IngestItem, IngestOutcome
-from .hotswap import AdapterCandidate, latest_adapter, read_candidate
-from .indexer import META_FILE, VectorIndex
+from .generation import BackendFactory, Generation
+from .hotswap import AdapterCandidate, AdapterSwap, latest_adapter
+from .index_store import IndexStore
 from .metrics import NodeMetrics
+from .workers import Embedder, Workers
+
+__all__ = ["BackendFactory", "Generation", "Node"]
 
 log = logging.getLogger(__name__)
-
-BackendFactory = Callable[[Path | None], EmbeddingBackend]
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One model and the index it built; only ever used together."""
-
-    backend: EmbeddingBackend
-    index: VectorIndex
-    adapter: AdapterCandidate | None
-
-    @property
-    def version(self) -> str:
-        return self.backend.version
 
 
 class Node:
@@ -69,19 +48,12 @@ class Node:
         self.gallery = gallery
         self.index_dir = config.data_dir / "index"
         self.metrics = metrics or NodeMetrics(config.node_id)
-        self._factory = backend_factory
-        self._active = generation
-        self._embed_lock = threading.Lock()  # one top-up of the active index at a time
-        self._swap_lock = threading.Lock()  # one hot swap at a time
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._reindex = ReindexState()
-        self._refused: set[tuple[str, str]] = set()
-        self._failed_ids: set[int] = set()
-        self._threads: list[threading.Thread] = []
-        self._last_save = time.monotonic()
-        self._dirty = False
-        gallery.add_listener(lambda _ids: self._wake.set())
+        self._store = IndexStore(self.index_dir, config.index.save_interval_s)
+        self._active = generation  # replaced only by `switch_adapter`, holding the embed lock
+        self._workers = Workers(config.node_id)
+        self._embedder = Embedder(gallery, config.index.embed_batch_size, self._workers.stopping)
+        self._swap = AdapterSwap(backend_factory, config.index)
+        gallery.add_listener(lambda _ids: self._embedder.wake())
         self._publish_version()
 
     @classmethod
@@ -96,8 +68,8 @@ class Node:
             lambda adapter: load_backend(config.backend, config.model, adapter, config.device)
         )
         gallery = Gallery(config.data_dir / "gallery", config.limits)
-        index_dir = config.data_dir / "index"
-        found, adapter = _saved_adapter(index_dir, config.adapter_dir)
+        store = IndexStore(config.data_dir / "index", config.index.save_interval_s)
+        found, adapter = store.saved_adapter(config.adapter_dir)
         if not found:
             adapter = latest_adapter(config.adapter_dir)
         try:
@@ -107,14 +79,7 @@ class Node:
                 raise
             log.error("adapter %s refused at start (%s); serving the base model", adapter.path, err)
             adapter, backend = None, factory(None)
-        index = VectorIndex.load(index_dir, config.index, backend.version, backend.embed_dim)
-        if index is not None:
-            extra = np.setdiff1d(index.id_array(), gallery.ids())
-            if len(extra):  # cannot happen through this code; never serve ids without rows
-                log.warning("saved index holds %d ids not in the catalog; rebuilding", len(extra))
-                index = None
-        if index is None:
-            index = VectorIndex(backend.embed_dim, config.index, backend.version)
+        index = store.load_or_new(config.index, backend.version, backend.embed_dim, gallery.ids())
         missing = len(gallery) - len(index)
         log.info(
             "node %s: %d images, %d indexed (%d to embed), model %s",
@@ -192,7 +157,7 @@ class Node:
 
     def status(self) -> NodeStatus:
         gen = self._active
-        r = self._reindex
+        r = self._swap.progress.snapshot()
         notes = [gen.backend.note, f"last adapter refused: {r.last_error}" if r.last_error else ""]
         note = "; ".join(n for n in notes if n)
         return NodeStatus(
@@ -207,65 +172,39 @@ class Node:
             index_type=gen.index.kind,
             embed_dim=gen.backend.embed_dim,
             rejected_images=self.gallery.rejected_count,
-            reindex=ReindexState(r.running, r.done, r.total, r.target_version, r.last_error),
+            reindex=r,
         )
 
     # ------------------------------------------------------------------ workers
     def start(self) -> None:
-        self._spawn("embedder", self._embed_loop)
-        if self.config.adapter_dir is not None:
-            self._spawn("adapter-watcher", self._adapter_loop)
-        if self.config.drop_dir is not None:
-            drop = DropFolder(self.config.drop_dir, self.gallery, self.config.drop_settle_s)
-            self._spawn("drop-watcher", lambda: self._drop_loop(drop))
+        cfg = self.config
+        self._workers.spawn("embedder", lambda: self._embedder.run(self._embed_new))
+        if cfg.adapter_dir is not None:
+            self._workers.every(
+                "adapter-watcher", cfg.adapter_poll_s, self.check_adapter, "adapter watcher"
+            )
+        if cfg.drop_dir is not None:
+            drop = DropFolder(cfg.drop_dir, self.gallery, cfg.drop_settle_s)
+            self._workers.every(
+                "drop-watcher", cfg.drop_poll_s, lambda: self._scan(drop), "drop-folder scan"
+            )
 
-    def _spawn(self, name: str, target: Callable[[], None]) -> None:
-        thread = threading.Thread(target=target, name=f"{self.config.node_id}-{name}", daemon=True)
-        thread.start()
-        self._threads.append(thread)
+    def _embed_new(self) -> None:
+        """One embedder round: top up the active index, then save it when a save is due."""
+        with self._embedder.lock:
+            gen = self._active
+            added = self._embedder.top_up(
+                gen, progress=lambda _n: self.metrics.indexed.set(len(gen.index))
+            )
+        if self._store.note_added(added):
+            self.save_index()
 
-    def _embed_loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(timeout=1.0)
-            self._wake.clear()
-            try:
-                with self._embed_lock:
-                    added = self._top_up(self._active)
-                self._dirty |= added > 0
-                if (
-                    self._dirty
-                    and time.monotonic() - self._last_save >= self.config.index.save_interval_s
-                ):
-                    self.save_index()
-            except Exception:  # keep the worker alive; the error is logged with its traceback
-                log.exception("embedding worker failed; retrying in 5 s")
-                self._stop.wait(5.0)
-
-    def _top_up(self, gen: Generation, progress: Callable[[int], None] | None = None) -> int:
-        """Embed catalog images missing from `gen`'s index, in batches; return how many."""
-        pending = np.setdiff1d(self.gallery.ids(), gen.index.id_array(), assume_unique=True)
-        pending = [int(i) for i in pending if int(i) not in self._failed_ids]
-        batch_size = self.config.index.embed_batch_size
-        added = 0
-        for start in range(0, len(pending), batch_size):
-            if self._stop.is_set():
-                break
-            ids, images = [], []
-            for image_id in pending[start : start + batch_size]:
-                try:
-                    images.append(self.gallery.load_image(image_id))
-                    ids.append(image_id)
-                except OSError as err:  # validated at ingest; a disk fault if it happens
-                    log.error("image %d unreadable, not indexed: %s", image_id, err)
-                    self._failed_ids.add(image_id)
-            if ids:
-                gen.index.add(np.array(ids, dtype=np.int64), gen.backend.encode_images(images))
-                added += len(ids)
-            if progress:
-                progress(len(ids))
-            if gen is self._active:
-                self.metrics.indexed.set(len(gen.index))
-        return added
+    def _scan(self, drop: DropFolder) -> None:
+        accepted, rejected = drop.scan_once()
+        if accepted or rejected:
+            self.metrics.ingested.inc(accepted)
+            self.metrics.rejected.inc(rejected)
+            self.metrics.gallery_size.set(len(self.gallery))
 
     def wait_indexed(self, timeout: float = 60.0) -> bool:
         """Block until every catalog image is in the active index (tests, bench)."""
@@ -273,85 +212,61 @@ class Node:
         while time.monotonic() < deadline:
             gen = self._active
             if (
-                len(gen.index) + len(self._failed_ids) >= len(self.gallery)
-                and not self._reindex.running
+                len(gen.index) + self._embedder.failed_count >= len(self.gallery)
+                and not self._swap.progress.running
             ):
                 return True
-            self._wake.set()
+            self._embedder.wake()
             time.sleep(0.05)
         return False
 
-    def _adapter_loop(self) -> None:
-        while not self._stop.wait(self.config.adapter_poll_s):
-            try:
-                self.check_adapter()
-            except Exception:
-                log.exception("adapter watcher failed; will look again")
-
+    # ------------------------------------------------------------------ adapter swap
     def check_adapter(self) -> bool:
         """Swap to the newest adapter in the adapter dir if it is new; True if swapped."""
         candidate = latest_adapter(self.config.adapter_dir)
-        current = self._active.adapter
-        if candidate is None or (current is not None and candidate.key == current.key):
-            return False
-        if candidate.key in self._refused:
-            return False
-        return self.switch_adapter(candidate)
+        with self._swap.lock:  # decided under the lock: two callers never swap to one twice
+            if not self._swap.wanted(candidate, self._active.adapter):
+                return False
+            return self._switch(candidate)
 
     def switch_adapter(self, candidate: AdapterCandidate) -> bool:
         """Validate `candidate`, re-embed the gallery into a new index, then swap atomically."""
-        with self._swap_lock:
-            try:
-                backend = self._factory(candidate.path)
-            except FedRetrieveError as err:
-                self._refused.add(candidate.key)
-                self._reindex.last_error = f"{candidate.path.name}: {err}"
-                log.error("adapter %s refused: %s", candidate.path, err)
-                return False
-            new = Generation(
-                backend,
-                VectorIndex(backend.embed_dim, self.config.index, backend.version),
-                candidate,
-            )
-            log.info("re-indexing %d images for %s", len(self.gallery), backend.version)
-            self._reindex = ReindexState(True, 0, len(self.gallery), backend.version, "")
-            self.metrics.reindex_total.set(len(self.gallery))
-            t0 = time.perf_counter()
-            try:
-                self._top_up(new, progress=self._count_reindex)
-                with self._embed_lock:  # catch up with images ingested meanwhile, then swap
-                    self._top_up(new, progress=self._count_reindex)
-                    if self._stop.is_set():
-                        log.info("shutdown during re-index; keeping %s", self._active.version)
-                        return False
-                    old, self._active = self._active, new
-            finally:
-                self._reindex.running = False
-            self.metrics.swaps.inc()
-            self._publish_version()
-            self.save_index()
-            log.info(
-                "swapped %s -> %s (%d images re-embedded in %.1fs)",
-                old.version, new.version, len(new.index), time.perf_counter() - t0,
-            )  # fmt: skip
-            return True
+        with self._swap.lock:
+            return self._switch(candidate)
 
-    def _count_reindex(self, n: int) -> None:
-        self._reindex.done += n
-        self.metrics.reindex_done.set(self._reindex.done)
-        self._reindex.total = max(self._reindex.total, len(self.gallery))
+    def _switch(self, candidate: AdapterCandidate) -> bool:
+        new = self._swap.prepare(candidate)
+        if new is None:
+            return False
+        progress = self._swap.progress
+        log.info("re-indexing %d images for %s", len(self.gallery), new.version)
+        progress.begin(len(self.gallery), new.version)
+        self.metrics.reindex_total.set(len(self.gallery))
 
-    def _drop_loop(self, drop: DropFolder) -> None:
-        while not self._stop.wait(self.config.drop_poll_s):
-            try:
-                accepted, rejected = drop.scan_once()
-                if accepted or rejected:
-                    self.metrics.ingested.inc(accepted)
-                    self.metrics.rejected.inc(rejected)
-                    self.metrics.gallery_size.set(len(self.gallery))
-            except Exception:
-                log.exception("drop-folder scan failed; will look again")
+        def count(n: int) -> None:
+            self.metrics.reindex_done.set(progress.advance(n, len(self.gallery)))
 
+        t0 = time.perf_counter()
+        try:
+            self._embedder.top_up(new, progress=count)
+            with self._embedder.lock:  # catch up with images ingested meanwhile, then swap
+                self._embedder.top_up(new, progress=count)
+                if self._workers.stopping.is_set():
+                    log.info("shutdown during re-index; keeping %s", self._active.version)
+                    return False
+                old, self._active = self._active, new
+        finally:
+            progress.end()
+        self.metrics.swaps.inc()
+        self._publish_version()
+        self.save_index()
+        log.info(
+            "swapped %s -> %s (%d images re-embedded in %.1fs)",
+            old.version, new.version, len(new.index), time.perf_counter() - t0,
+        )  # fmt: skip
+        return True
+
+    # ------------------------------------------------------------------ persistence, close
     def _publish_version(self) -> None:
         gen = self._active
         self.metrics.set_version(self.config.node_id, gen.version, gen.backend.adapter_version)
@@ -359,17 +274,14 @@ class Node:
         self.metrics.indexed.set(len(gen.index))
 
     def save_index(self) -> None:
-        gen = self._active
-        adapter = str(gen.adapter.path) if gen.adapter else ""
-        gen.index.save(self.index_dir, extra={"adapter": adapter})
-        self._last_save, self._dirty = time.monotonic(), False
+        """Save the active index (serialised with every other save; see `IndexStore`)."""
+        self._store.save(lambda: self._active)
 
     def close(self) -> None:
         """Stop workers, persist the index and checkpoint the catalog."""
-        self._stop.set()
-        self._wake.set()
-        for thread in self._threads:
-            thread.join(timeout=30)
+        self._workers.stopping.set()  # before the wake: the embedder wakes to find it set
+        self._embedder.wake()
+        self._workers.stop(timeout_s=30)
         self.save_index()
         self.gallery.close()
         self.metrics.close()
@@ -385,22 +297,3 @@ def _check_vector(values: np.ndarray, gen: Generation) -> np.ndarray:
     if not np.isfinite(vector).all() or not np.any(vector):
         raise InvalidQuery("query vector must be finite and non-zero")
     return vector
-
-
-def _saved_adapter(
-    index_dir: Path, adapter_dir: Path | None
-) -> tuple[bool, AdapterCandidate | None]:
-    """(found, adapter) the saved index was built with, if that model still exists. Starting
-    with it lets the node serve its saved index at once and hot-swap to a newer adapter in
-    the background, instead of re-embedding everything before it can answer."""
-    try:
-        meta = json.loads((index_dir / META_FILE).read_text())
-    except (OSError, ValueError):
-        return False, None
-    path = meta.get("adapter", "")
-    if not path:
-        return True, None  # built with the base model
-    if adapter_dir is None:
-        return False, None
-    candidate = read_candidate(Path(path))
-    return candidate is not None, candidate
