@@ -18,7 +18,7 @@ import importlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from common.errors import AdapterMismatch, UnknownModel
 from common.model import DualEncoder
 from common.preprocess import CLIP_MEAN, CLIP_STD, PreprocessCfg
 from common.towers import ConvImageTower, HFImageTower, HFTextTower
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 MODEL_FILE = "fedretrieve_model.json"
@@ -107,6 +110,29 @@ def create_model(
         merged.version = peft_model.fedretrieve_manifest.model_version
         return merged
     return model
+
+
+def create_lora_model(
+    spec: str | Path,
+    *,
+    rank: int = 0,
+    alpha: float = 0.0,
+    init_seed: int = 0,
+    freeze_a: bool = False,
+) -> PeftModel:
+    """The base model `spec` with a fresh seeded LoRA adapter (B = 0: still the base model).
+
+    rank/alpha 0 mean the model config's own values. The federated server and every node
+    build their adapter here, from the same round plan, so FFA-LoRA's frozen A comes out
+    identical everywhere (the server sends its digest and the nodes check it).
+    """
+    from common.lora import LoraSettings, attach_lora
+
+    base = create_model(spec)
+    settings = LoraSettings.for_run(
+        base.spec.get("lora"), rank=rank, alpha=alpha, init_seed=init_seed, freeze_a=freeze_a
+    )
+    return attach_lora(base, settings)
 
 
 def save_model(model: DualEncoder, out_dir: str | Path, *, name: str | None = None) -> Path:

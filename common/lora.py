@@ -62,8 +62,28 @@ class LoraSettings:
                 data[key] = tuple(data[key])
         return cls(**data)
 
+    @classmethod
+    def for_run(
+        cls,
+        spec: Mapping | None,
+        *,
+        rank: int = 0,
+        alpha: float = 0.0,
+        init_seed: int = 0,
+        freeze_a: bool = False,
+    ) -> LoraSettings:
+        """The model config's LoRA settings with a run's overrides (rank/alpha 0: keep)."""
+        return cls.from_spec(
+            spec, r=rank or None, alpha=alpha or None, init_seed=init_seed, freeze_a=freeze_a
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def is_lora_a(key: str) -> bool:
+    """Whether a parameter or adapter-state key is a LoRA A matrix (frozen under FFA-LoRA)."""
+    return "lora_A" in key
 
 
 def resolve_targets(model: DualEncoder, settings: LoraSettings) -> str:
@@ -100,7 +120,7 @@ def attach_lora(model: DualEncoder, settings: LoraSettings | None = None) -> Pef
         peft_model = get_peft_model(model, config)
     if settings.freeze_a:
         for name, param in peft_model.named_parameters():
-            if "lora_A" in name:
+            if is_lora_a(name):
                 param.requires_grad_(False)
     peft_model.fedretrieve_lora = settings
     return peft_model
@@ -189,3 +209,8 @@ def adapter_digest(state: Mapping[str, torch.Tensor], keys: list[str] | None = N
         digest.update(key.encode())
         digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def lora_a_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """`adapter_digest` over the LoRA A tensors: equal on two nodes iff they share FFA's A."""
+    return adapter_digest(state, [k for k in state if is_lora_a(k)])

@@ -21,16 +21,24 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from edge_node.fl.task import NodeFlSettings, NodeTrainer, RoundPlan
+from common.round_plan import RoundPlan
+from edge_node.fl.task import NodeFlSettings, TrainerRegistry
 
 ARRAYS, CONFIG, METRICS, NODE = "arrays", "config", "metrics", "node"
 HANDOVER_ACTION = "handover"
 
+# This process's trainers (model, image and caption caches), as long as the process lives.
+# A ClientApp that Flower pickles per message finds its trainer here again on arrival.
+TRAINERS = TrainerRegistry(f"{__name__}:TRAINERS")
 
-def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp; `overrides` stand in for run-config keys in in-process simulations."""
+
+def build_client_app(
+    overrides: Mapping[str, Any] | None = None, *, trainers: TrainerRegistry = TRAINERS
+) -> ClientApp:
+    """A ClientApp with its own trainer in `trainers`; `overrides` stand in for run-config
+    keys in in-process simulations."""
     app = ClientApp()
-    trainer = NodeTrainer()  # lives as long as the app: caches model and images across rounds
+    trainer = trainers.create()  # caches model and images across rounds and messages
     extra = dict(overrides or {})
 
     def prepare(msg: Message, context: Context):

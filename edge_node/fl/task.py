@@ -1,19 +1,23 @@
 """What a node does in a federated round, with no Flower in sight (STYLE: task modules).
 
 `client_app.py` translates Flower messages to these calls and back. Here: where the node's
-data is (`NodeFlSettings`, from the SuperNode's `--node-config`), what the server asked for
-this round (`RoundPlan`, from the round's ConfigRecord), and `NodeTrainer`, which loads the
-global adapter, trains it on the node's captioned crops, evaluates it on the node's
-held-out split and hands the final one to the node daemon.
+data is (`NodeFlSettings`, from the SuperNode's `--node-config`), and `NodeTrainer`, which
+loads the global adapter, trains it on the node's captioned crops, evaluates it on the
+node's held-out split and hands the final one to the node daemon, as the round's
+`common.round_plan.RoundPlan` (the server's ConfigRecord, parsed) says. `TrainerRegistry`
+owns a process's trainers, so their caches survive Flower pickling the ClientApp.
 
 Only adapter tensors leave this module: the keys the server sent, nothing else.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pickle
+import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ import torch
 
 from common.datasets import Record, load_records
 from common.errors import AdapterMismatch, ConfigError, DatasetError
+from common.round_plan import RoundPlan
 
 # A child of Flower's logger: these lines show wherever Flower's do (console, `flwr run
 # --stream`, `flwr log`), also in the ServerApp/ClientApp subprocesses of the deployment engine.
@@ -90,38 +95,6 @@ class NodeFlSettings:
         )
 
 
-@dataclass(frozen=True)
-class RoundPlan:
-    """What the server asks of a node this round (the round's ConfigRecord, kebab keys)."""
-
-    server_round: int
-    num_server_rounds: int
-    model: str
-    lora_rank: int = 0
-    lora_alpha: float = 0.0
-    lora_seed: int = 0
-    freeze_a: bool = False
-    lora_a_digest: str = ""
-    local_epochs: int = 1
-    lr: float = 0.002
-    batch_size: int = 32
-    max_steps: int = 0
-    proximal_mu: float = 0.0
-    seed: int = 0
-    local_eval: bool = True
-    strategy: str = ""
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> RoundPlan:
-        from common.config import from_dict, snake_keys
-
-        return from_dict(cls, snake_keys(dict(config)), "round config")
-
-    @property
-    def final(self) -> bool:
-        return self.server_round >= self.num_server_rounds
-
-
 @dataclass
 class NodeData:
     name: str
@@ -160,12 +133,54 @@ def load_node_data(settings: NodeFlSettings) -> NodeData:
     return NodeData(name or settings.data_path.name, train, heldout)
 
 
-_TRAINERS: dict[str, NodeTrainer] = {}  # this process's trainers, by key (see __reduce__)
+class TrainerRegistry:
+    """The NodeTrainers of one process, by key: the owner of their caches.
+
+    Flower's Ray backend pickles the ClientApp into its actor for every message. A trainer
+    therefore travels as (its registry's import path, its key) and resolves on arrival to
+    the trainer of that key in the receiving process's registry, created there on the first
+    message, so model, image banks and text cache survive between rounds instead of being
+    rebuilt per message (model load, image decoding and caption encoding were 25 s of every
+    32 s demo round). `ref` ("module:attribute") is where this registry is reachable in any
+    process; the ClientApp module holds the process's one (`client_app.TRAINERS`).
+    """
+
+    def __init__(self, ref: str = "") -> None:
+        self.ref = ref
+        self._trainers: dict[str, NodeTrainer] = {}
+
+    def create(self) -> NodeTrainer:
+        """A new trainer of this registry (one per ClientApp)."""
+        return self.resolve(uuid.uuid4().hex)
+
+    def resolve(self, key: str) -> NodeTrainer:
+        """The trainer `key` of this registry, created on first use (in a fresh process)."""
+        trainer = self._trainers.get(key)
+        if trainer is None:
+            trainer = self._trainers[key] = NodeTrainer(key, registry=self)
+        return trainer
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._trainers
+
+    def __iter__(self) -> Iterator[NodeTrainer]:
+        return iter(list(self._trainers.values()))
+
+    def __len__(self) -> int:
+        return len(self._trainers)
 
 
-def _process_trainer(key: str) -> NodeTrainer:
-    """The trainer `key` in this process: the one an unpickled ClientApp must use."""
-    return _TRAINERS.get(key) or NodeTrainer(key)  # a new trainer registers itself
+def _registry_at(ref: str) -> TrainerRegistry:
+    module, _, name = ref.partition(":")
+    registry = getattr(importlib.import_module(module), name, None)
+    if not isinstance(registry, TrainerRegistry):
+        raise pickle.PicklingError(f"{ref!r} names no TrainerRegistry")
+    return registry
+
+
+def _resolve_trainer(ref: str, key: str) -> NodeTrainer:
+    """Unpickling a trainer: the trainer `key` of this process's registry `ref`."""
+    return _registry_at(ref).resolve(key)
 
 
 class NodeTrainer:
@@ -175,17 +190,13 @@ class NodeTrainer:
     keyed by node; the model is shared (every round loads the full global adapter into it,
     and with FFA-LoRA A never trains, so nothing of one node leaks into another's round).
 
-    Flower's Ray backend pickles the ClientApp into its actor for every message. A pickled
-    trainer therefore travels as its key only and resolves to the process's own instance on
-    arrival, so the caches survive between rounds instead of being rebuilt per message
-    (model load, image decoding and caption encoding were 25 s of every 32 s demo round).
+    A trainer of a `TrainerRegistry` pickles as a reference into it (see there); one made
+    on its own (tests, one-off use) refuses to be pickled rather than travel as a copy.
     """
 
-    def __init__(self, key: str | None = None) -> None:
-        import uuid
-
+    def __init__(self, key: str | None = None, *, registry: TrainerRegistry | None = None) -> None:
         self.key = key or uuid.uuid4().hex
-        _TRAINERS.setdefault(self.key, self)
+        self.registry = registry
         self._model_key: tuple | None = None
         self._model = None
         self._data: dict[tuple, NodeData] = {}
@@ -193,32 +204,26 @@ class NodeTrainer:
         self._text_cache = None
 
     def __reduce__(self):
-        return (_process_trainer, (self.key,))
+        registry = self.registry
+        if registry is None or not registry.ref or _registry_at(registry.ref) is not registry:
+            raise pickle.PicklingError(
+                "a NodeTrainer pickles as a reference to its process's TrainerRegistry; "
+                "create it with a registry that its `ref` names (client_app.TRAINERS)"
+            )
+        return (_resolve_trainer, (registry.ref, self.key))
 
     # ------------------------------------------------------------------ set-up
     def model(self, plan: RoundPlan):
-        from common.factory import create_model
-        from common.lora import LoraSettings, adapter_digest, attach_lora, get_adapter_state
+        from common.lora import get_adapter_state, lora_a_digest
 
-        key = (plan.model, plan.lora_rank, plan.lora_alpha, plan.lora_seed, plan.freeze_a)
-        if key != self._model_key:
-            base = create_model(plan.model)
-            settings = LoraSettings.from_spec(
-                base.spec.get("lora"),
-                r=plan.lora_rank or None,
-                alpha=plan.lora_alpha or None,
-                init_seed=plan.lora_seed,
-                freeze_a=plan.freeze_a,
+        if plan.adapter_key != self._model_key:
+            self._model, self._model_key = plan.create_adapter(), plan.adapter_key
+        digest = plan.lora_a_digest
+        if plan.freeze_a and digest and lora_a_digest(get_adapter_state(self._model)) != digest:
+            raise AdapterMismatch(
+                "FFA-LoRA: this node's frozen A differs from the server's "
+                "(different model files, peft or torch version?); refusing to train"
             )
-            self._model, self._model_key = attach_lora(base, settings), key
-        if plan.freeze_a and plan.lora_a_digest:
-            state = get_adapter_state(self._model)
-            digest = adapter_digest(state, [k for k in state if "lora_A" in k])
-            if digest != plan.lora_a_digest:
-                raise AdapterMismatch(
-                    "FFA-LoRA: this node's frozen A differs from the server's "
-                    "(different model files, peft or torch version?); refusing to train"
-                )
         return self._model
 
     def data(self, settings: NodeFlSettings) -> NodeData:
@@ -246,9 +251,9 @@ class NodeTrainer:
 
     def load_global(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]):
         """The node's model with the server's global adapter in it (checked)."""
-        from common.lora import set_adapter_state
+        from common.lora import is_lora_a, set_adapter_state
 
-        if plan.freeze_a and any("lora_A" in k for k in global_state):
+        if plan.freeze_a and any(is_lora_a(k) for k in global_state):
             raise AdapterMismatch("FFA-LoRA round, but the server sent LoRA A tensors")
         model = self.model(plan)
         set_adapter_state(model, global_state, allow_subset=plan.freeze_a, where="global adapter")

@@ -4,7 +4,8 @@ Flower hands the ServerApp `context.run_config` (kebab-case keys from pyproject.
 `flwr run --run-config` overrides). It is read here, once, at the top of the ServerApp; a
 typo or an impossible combination stops the run before any node is contacted, with a
 message naming the key. What the nodes need for a round travels to them in the round's
-ConfigRecord (`train_config`), so the nodes never read server-side settings themselves.
+ConfigRecord, built by `FlConfig.round_plan` (the contract, `common.round_plan.RoundPlan`,
+validates its own keys), so the nodes never read server-side settings themselves.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import from_dict, snake_keys
+from common.config import from_dict, kebab, snake_keys
 from common.errors import ConfigError
+from common.round_plan import RoundPlan
 
 STRATEGIES = ("fedavg", "ffa", "robust")
 ROBUST_AGGREGATORS = ("trimmed", "median")
@@ -74,8 +76,7 @@ class FlConfig:
     text_cache: str = ""
 
     def __post_init__(self) -> None:
-        if self.num_server_rounds < 1:
-            raise ConfigError(f"`num-server-rounds` must be >= 1, got {self.num_server_rounds}")
+        self.round_plan()  # the keys the nodes get are checked by the contract itself
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"`strategy` must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.robust_aggregator not in ROBUST_AGGREGATORS:
@@ -85,14 +86,14 @@ class FlConfig:
             )
         if not 0.0 <= self.trim_beta < 0.5:
             raise ConfigError(f"`trim-beta` must be in [0, 0.5), got {self.trim_beta}")
-        for key in ("clip_norm", "max_update_norm", "proximal_mu", "lora_alpha"):
+        for key in ("clip_norm", "max_update_norm"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"`{_kebab(key)}` must be a number >= 0, got {value}")
+                raise ConfigError(f"`{kebab(key)}` must be a number >= 0, got {value}")
         for key in ("fraction_train", "fraction_evaluate"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"`{_kebab(key)}` must be in [0, 1], got {value}")
+                raise ConfigError(f"`{kebab(key)}` must be in [0, 1], got {value}")
         if self.fraction_train == 0.0:
             raise ConfigError("`fraction-train` is 0: no node would ever train")
         if self.min_nodes < 1 or self.min_updates < 1:
@@ -107,20 +108,11 @@ class FlConfig:
             )
         if not self.round_timeout > 0:
             raise ConfigError(f"`round-timeout` must be > 0 seconds, got {self.round_timeout}")
-        if self.local_epochs < 1 or self.batch_size < 2 or self.max_steps < 0:
+        if self.client_threads < 0 or self.server_threads < 0:
             raise ConfigError(
-                "`local-epochs` must be >= 1, `batch-size` >= 2 and `max-steps` >= 0 "
-                f"(got {self.local_epochs}, {self.batch_size}, {self.max_steps})"
+                "`client-threads` and `server-threads` must be >= 0 "
+                f"(got {self.client_threads}, {self.server_threads})"
             )
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"`lr` must be a positive number, got {self.lr}")
-        if self.lora_rank < 0 or self.client_threads < 0 or self.server_threads < 0:
-            raise ConfigError(
-                "`lora-rank`, `client-threads` and `server-threads` must be >= 0 "
-                f"(got {self.lora_rank}, {self.client_threads}, {self.server_threads})"
-            )
-        if not self.model.strip():
-            raise ConfigError("`model` is empty: name a model config, directory or hf:<id>")
         if not self.out_dir.strip():
             raise ConfigError("`out-dir` is empty: the global adapters must go somewhere")
 
@@ -137,6 +129,27 @@ class FlConfig:
     def freeze_a(self) -> bool:
         return self.strategy == "ffa"
 
+    def round_plan(self, lora_a_digest: str = "", *, server_round: int = 0) -> RoundPlan:
+        """What every node is sent for a round (Flower's strategies set `server-round`)."""
+        return RoundPlan(
+            server_round=server_round,
+            num_server_rounds=self.num_server_rounds,
+            model=self.model,
+            strategy=self.strategy,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_seed=self.lora_seed,
+            freeze_a=self.freeze_a,
+            lora_a_digest=lora_a_digest,
+            local_epochs=self.local_epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            max_steps=self.max_steps,
+            proximal_mu=self.proximal_mu,
+            seed=self.seed,
+            local_eval=self.local_eval,
+        )
+
     @property
     def eval_source(self) -> Path | None:
         """Dataset for server-side held-out evaluation, or None when disabled."""
@@ -144,8 +157,4 @@ class FlConfig:
         return Path(source).expanduser() if source and self.eval_split else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {_kebab(k): v for k, v in asdict(self).items()}
-
-
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
+        return {kebab(k): v for k, v in asdict(self).items()}

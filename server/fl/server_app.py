@@ -17,12 +17,14 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from common.round_plan import RoundPlan
 from server.fl.run_config import FlConfig
 from server.fl.strategies import NODE_RECORD, RoundStats, UpdateSpec, build_strategy
 
@@ -46,48 +48,11 @@ def build_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
     return app
 
 
-def round_config(cfg: FlConfig, lora_a_digest: str) -> ConfigRecord:
-    """What every node needs for a round (edge_node.fl.task.RoundPlan reads these keys)."""
-    return ConfigRecord(
-        {
-            "num-server-rounds": cfg.num_server_rounds,
-            "model": cfg.model,
-            "strategy": cfg.strategy,
-            "lora-rank": cfg.lora_rank,
-            "lora-alpha": float(cfg.lora_alpha),
-            "lora-seed": cfg.lora_seed,
-            "freeze-a": cfg.freeze_a,
-            "lora-a-digest": lora_a_digest,
-            "local-epochs": cfg.local_epochs,
-            "lr": float(cfg.lr),
-            "batch-size": cfg.batch_size,
-            "max-steps": cfg.max_steps,
-            "proximal-mu": float(cfg.proximal_mu),
-            "seed": cfg.seed,
-            "local-eval": cfg.local_eval,
-        }
-    )
-
-
-def build_global_adapter(cfg: FlConfig):
-    """The base model with a fresh adapter (B = 0: round 0 is the base model itself)."""
-    from common.factory import create_model
-    from common.lora import LoraSettings, attach_lora
-
-    base = create_model(cfg.model)
-    settings = LoraSettings.from_spec(
-        base.spec.get("lora"),
-        r=cfg.lora_rank or None,
-        alpha=cfg.lora_alpha or None,
-        init_seed=cfg.lora_seed,
-        freeze_a=cfg.freeze_a,
-    )
-    return attach_lora(base, settings)
-
-
 def payload_keys(state: dict, freeze_a: bool) -> list[str]:
     """The adapter keys that travel: all of them, or B only under FFA-LoRA."""
-    return [k for k in state if not (freeze_a and "lora_A" in k)]
+    from common.lora import is_lora_a
+
+    return [k for k in state if not (freeze_a and is_lora_a(k))]
 
 
 class RoundRecorder:
@@ -171,19 +136,22 @@ def run_server(grid: Grid, cfg: FlConfig, *, run_id: int = 0) -> dict:
     import torch
 
     from common.adapters import save_adapter
-    from common.lora import adapter_digest, get_adapter_state, lora_parameter_count
+    from common.lora import get_adapter_state, lora_a_digest, lora_parameter_count
 
     if cfg.server_threads:
         torch.set_num_threads(cfg.server_threads)
     out = Path(cfg.out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    peft_model = build_global_adapter(cfg)
+    plan = cfg.round_plan()
+    # The base model with a fresh adapter (B = 0: round 0 is the base model itself), built
+    # exactly as every node builds its own from the plan, so FFA's frozen A agrees.
+    peft_model = plan.create_adapter()
     template = get_adapter_state(peft_model)
+    plan = replace(plan, lora_a_digest=lora_a_digest(template))
     keys = payload_keys(template, cfg.freeze_a)
     initial = ArrayRecord(OrderedDict((k, template[k]) for k in keys))
     spec = UpdateSpec.from_arrays(initial)
     strategy = build_strategy(cfg, spec)
-    a_digest = adapter_digest(template, [k for k in template if "lora_A" in k])
     recorder = RoundRecorder(cfg, peft_model, strategy, out)
     base = peft_model.get_base_model()
     log.info(
@@ -203,15 +171,15 @@ def run_server(grid: Grid, cfg: FlConfig, *, run_id: int = 0) -> dict:
         initial_arrays=initial,
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
-        train_config=round_config(cfg, a_digest),
-        evaluate_config=round_config(cfg, a_digest),
+        train_config=ConfigRecord(plan.to_config()),
+        evaluate_config=ConfigRecord(plan.to_config()),
         evaluate_fn=recorder,
     )
     final = recorder.latest or initial
     manifest = save_adapter(
         peft_model, out / "final", round=cfg.num_server_rounds, extra={"strategy": cfg.strategy}
     )
-    handover = hand_over(grid, cfg, final, a_digest)
+    handover = hand_over(grid, cfg, final, plan)
     summary = {
         "final": str(out / "final"),
         "final_model_version": manifest.model_version,
@@ -226,10 +194,9 @@ def run_server(grid: Grid, cfg: FlConfig, *, run_id: int = 0) -> dict:
     return {"config": cfg.to_dict(), "rounds": recorder.history, **summary}
 
 
-def hand_over(grid: Grid, cfg: FlConfig, arrays: ArrayRecord, a_digest: str) -> dict[str, str]:
+def hand_over(grid: Grid, cfg: FlConfig, arrays: ArrayRecord, plan: RoundPlan) -> dict[str, str]:
     """Send the final adapter to every connected node; node -> written path (or the error)."""
-    config = round_config(cfg, a_digest)
-    config["server-round"] = cfg.num_server_rounds
+    config = ConfigRecord(replace(plan, server_round=cfg.num_server_rounds).to_config())
     messages = [
         Message(
             content=RecordDict({"arrays": arrays, "config": config}),

@@ -336,7 +336,9 @@ class FfaLoRA(FedIT):
     """`ffa`: only B travels (A is the shared seeded init), so FedAvg of B is exact."""
 
     def __init__(self, spec: UpdateSpec, **kwargs) -> None:
-        a_keys = [k for k in spec.shapes if "lora_A" in k]
+        from common.lora import is_lora_a
+
+        a_keys = [k for k in spec.shapes if is_lora_a(k)]
         if a_keys:
             raise ConfigError(f"FFA-LoRA sends B only, but the payload holds {a_keys[:2]}")
         super().__init__(spec, **kwargs)

@@ -9,12 +9,14 @@ import torch
 
 from common.adapters import load_adapter, read_manifest, save_adapter
 from common.errors import AdapterMismatch, ConfigError
-from common.factory import create_model
+from common.factory import create_lora_model, create_model
 from common.lora import (
     LoraSettings,
     attach_lora,
     check_adapter_state,
     get_adapter_state,
+    is_lora_a,
+    lora_a_digest,
     merge_adapter,
     resolve_targets,
     set_adapter_state,
@@ -71,6 +73,35 @@ def test_modules_to_save_and_freeze_a() -> None:
     )
     trainable = [n for n, p in ffa.named_parameters() if p.requires_grad]
     assert trainable and all("lora_B" in n for n in trainable)
+    frozen_lora = [n for n, p in ffa.named_parameters() if "lora_" in n and not p.requires_grad]
+    assert frozen_lora and all(is_lora_a(n) for n in frozen_lora)
+
+
+def test_is_lora_a_names_the_a_matrices_only() -> None:
+    state = get_adapter_state(attach_lora(create_model("tiny")))
+    a_keys = [k for k in state if is_lora_a(k)]
+    assert a_keys and all(".lora_A." in k for k in a_keys)
+    assert all(".lora_B." in k for k in state if not is_lora_a(k))
+    assert not is_lora_a("base_model.model.layer.lora_B.weight")
+
+
+def test_create_lora_model_is_attach_lora_with_the_run_overrides() -> None:
+    built = create_lora_model("tiny", rank=2, init_seed=5, freeze_a=True)
+    settings = built.fedretrieve_lora
+    spec = create_model("tiny").spec["lora"]
+    assert (settings.r, settings.alpha, settings.init_seed, settings.freeze_a) == (
+        2,
+        spec["alpha"],  # 0 = the model config's value
+        5,
+        True,
+    )
+    assert settings == LoraSettings.for_run(spec, rank=2, init_seed=5, freeze_a=True)
+    by_hand = attach_lora(create_model("tiny"), settings)
+    state, other = get_adapter_state(built), get_adapter_state(by_hand)
+    assert lora_a_digest(state) == lora_a_digest(other)
+    assert lora_a_digest(state) != lora_a_digest(
+        get_adapter_state(create_lora_model("tiny", rank=2, init_seed=6, freeze_a=True))
+    )
 
 
 def test_same_seed_gives_the_same_a_everywhere() -> None:

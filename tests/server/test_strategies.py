@@ -18,6 +18,7 @@ from flwr.app import (
 )
 
 from common.errors import AdapterMismatch, ConfigError
+from common.lora import is_lora_a
 from server.fl.run_config import FlConfig
 from server.fl.strategies import (
     FedIT,
@@ -98,6 +99,10 @@ def test_ffa_aggregate_is_the_exact_weighted_average_of_the_products():
     expected = sum(w * lora_product(b, a) for b, w in zip(bs, weights, strict=True)) / 100
     np.testing.assert_allclose(lora_product(agg_b, a), expected, rtol=1e-5, atol=1e-6)
     assert metrics["train-loss"] == pytest.approx(1.0)
+
+
+def test_the_test_keys_are_what_the_shared_predicate_sees():
+    assert is_lora_a(A_KEY) and not is_lora_a(B_KEY)
 
 
 def test_fedit_is_inexact_when_a_differs_but_ffa_refuses_to_send_a():
