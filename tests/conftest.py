@@ -11,8 +11,43 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(1)  # tiny models: a second thread costs more than it gives
+# Offline Hub, for the whole session and the daemons it starts. huggingface_hub reads
+# HF_HUB_OFFLINE once, when `huggingface_hub.constants` is imported, so it must be set before
+# any test code imports transformers. `pytest_configure` is too late for that: pytest imports
+# the conftest.py of every directory named on the command line before calling it, and
+# tests/server/conftest.py imports the broker (hence transformers). This root conftest is
+# the first test code pytest imports, so the variable is set here, once, and restored in
+# `pytest_unconfigure`; `_offline_hub` below fails every test if it did not take effect.
+# An explicit HF_HUB_OFFLINE (e.g. =0 to fetch a real model) is left as the caller set it.
+_SESSION_ENV = pytest.MonkeyPatch()
+if "HF_HUB_OFFLINE" not in os.environ:
+    _SESSION_ENV.setenv("HF_HUB_OFFLINE", "1")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _SESSION_ENV.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_hub() -> None:
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        return  # the caller chose
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE, (
+        "huggingface_hub was imported before HF_HUB_OFFLINE was set: the tests would try "
+        "the network (a plugin or sitecustomize imported it before tests/conftest.py ran)"
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models: a second thread costs more than it gives (restored after the session)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 COLOURS = {
     "red": (200, 30, 30),

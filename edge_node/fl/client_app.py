@@ -1,4 +1,4 @@
-"""The Flower ClientApp of an edge node: Message in, `fl_task` call, Message out.
+"""The Flower ClientApp of an edge node: Message in, `task` call, Message out.
 
 Three handlers:
 - `train`: load the global adapter, fine-tune it on the node's captioned crops, reply with

@@ -1,6 +1,6 @@
 """Prometheus metrics of one broker, in its own CollectorRegistry (no process globals).
 
-Served on a separate port by `broker_daemon`; tests read the registry directly.
+Served on a separate port by `server.broker.daemon`; tests read the registry directly.
 """
 
 from __future__ import annotations

@@ -67,8 +67,24 @@ def test_int8_close_to_fp32_and_rank1_change_reported(spec, tmp_path):
     got_img, got_txt = backend.encode_images(crops), backend.encode_text(captions)
     assert (got_img * ref_img).sum(1).min() >= 0.98
     assert (got_txt * ref_txt).sum(1).min() >= 0.98
-    fp32 = retrieval_metrics(ref_txt @ ref_img.T, caption_ids, crop_ids)
-    int8 = retrieval_metrics(got_txt @ got_img.T, caption_ids, crop_ids)
+    ref_sim, got_sim = ref_txt @ ref_img.T, got_txt @ got_img.T
+    fp32 = retrieval_metrics(ref_sim, caption_ids, crop_ids)
+    int8 = retrieval_metrics(got_sim, caption_ids, crop_ids)
     print(f"{spec}: Rank-1 fp32 {fp32['R1']:.1f} int8 {int8['R1']:.1f} (random-init model)")
-    # one query of ten is 10 points; quantisation noise may flip at most one near-tie
-    assert abs(int8["R1"] - fp32["R1"]) <= 10.0
+    # The cosine bounds above are the real check. Rank-1 on 10 queries moves in 10-point
+    # steps, and this random-init model ranks its queries by near-ties: measured, the
+    # closest query of `tiny` is decided by 0.0008 of score while int8 moves scores by up
+    # to 0.012 (`tiny-clip`: 0.037 vs 0.015). Both Rank-1s are equal here (10.0 -> 10.0),
+    # but whether that near-tie flips depends on the CPU's int8 kernels (VNNI, AVX2, ARM
+    # on a Jetson), so 0 cannot be asserted for `tiny`; one flipped query (10 points) is
+    # the bound. Beyond that, Rank-1 may only move on queries whose right-vs-wrong margin
+    # lies within the score change int8 caused (each side moved by at most `noise`):
+    noise = float(np.abs(got_sim - ref_sim).max())
+    right = crop_ids[None, :] == caption_ids[:, None]
+    margin = np.abs(
+        np.where(right, ref_sim, -np.inf).max(1) - np.where(right, -np.inf, ref_sim).max(1)
+    )
+    may_flip = int((margin <= 2 * noise).sum())
+    change = abs(int8["R1"] - fp32["R1"])
+    assert change <= 10.0, (fp32["R1"], int8["R1"])
+    assert change <= 100.0 * may_flip / len(captions), (change, may_flip, noise)

@@ -91,28 +91,36 @@ def test_sigkill_during_ingest_loses_nothing_acknowledged(tmp_path: Path):
     daemon = Daemon(config, tmp_path / "daemon.log")
     items = gallery_items(60, cameras=4)
     acked: dict[int, str] = {}  # image id -> sha256 of the bytes the node acknowledged
+    refused: list[str] = []  # reasons of images the node refused (must stay empty)
     done = threading.Event()
 
     def ingest_loop() -> None:
-        for start in range(0, len(items), 3):
-            batch = items[start : start + 3]
-            try:
-                reply = daemon.stub.Ingest(
-                    node_pb2.IngestRequest(images=batch), metadata=AUTH, timeout=10
-                )
-            except grpc.RpcError:
-                break  # the daemon died mid-call: this batch was never acknowledged
-            for item, result in zip(batch, reply.results, strict=True):
-                assert result.accepted, result.reason
-                acked[result.image_id] = hashlib.sha256(item.data).hexdigest()
-        done.set()
+        try:
+            for start in range(0, len(items), 3):
+                batch = items[start : start + 3]
+                try:
+                    reply = daemon.stub.Ingest(
+                        node_pb2.IngestRequest(images=batch), metadata=AUTH, timeout=10
+                    )
+                except grpc.RpcError:
+                    break  # the daemon died mid-call: this batch was never acknowledged
+                for item, result in zip(batch, reply.results, strict=True):
+                    if not result.accepted:
+                        refused.append(result.reason)
+                        return
+                    acked[result.image_id] = hashlib.sha256(item.data).hexdigest()
+        finally:
+            done.set()  # whatever happened, the main thread stops waiting
 
     thread = threading.Thread(target=ingest_loop)
     thread.start()
-    while len(acked) < 24 and not done.is_set():
+    deadline = time.monotonic() + 120
+    while len(acked) < 24 and not done.is_set() and time.monotonic() < deadline:
         time.sleep(0.005)
     daemon.stop(signal.SIGKILL)  # no chance to flush anything
-    thread.join()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the ingest thread did not end after the kill"
+    assert not refused, f"the node refused an image: {refused[0]}"
     assert 24 <= len(acked) < len(items), "the kill must land in the middle of the ingest"
 
     # invariants on disk right after the crash, before any recovery code runs

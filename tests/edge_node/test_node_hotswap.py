@@ -39,42 +39,65 @@ def test_hot_swap_under_search_load(serve_node, tmp_path: Path, write_adapter):
     old_vector = retrieval_pb2.QueryVector(
         values=base.encode_text([QUERY]).numpy()[0].tolist(), model_version=old_version
     )
-    answers: list[tuple[str, bool, list[int]]] = []
+    # (reply version, used_vector, hit ids, the versions stamped on the hits)
+    answers: list[tuple[str, bool, list[int], set[str]]] = []
     errors: list[grpc.RpcError] = []
+    crashed: list[BaseException] = []  # anything else the client thread raised
     stop = threading.Event()
 
     def client() -> None:
-        while not stop.is_set():
-            try:
-                reply = served.stub.Search(
-                    node_pb2.SearchRequest(text=QUERY, vector=old_vector, k=5),
-                    metadata=AUTH,
-                    timeout=10,
-                )
+        try:
+            while not stop.is_set():
+                try:
+                    reply = served.stub.Search(
+                        node_pb2.SearchRequest(text=QUERY, vector=old_vector, k=5),
+                        metadata=AUTH,
+                        timeout=10,
+                    )
+                except grpc.RpcError as err:
+                    errors.append(err)
+                    continue
                 answers.append(
-                    (reply.model_version, reply.used_vector, [h.image_id for h in reply.hits])
+                    (
+                        reply.model_version,
+                        reply.used_vector,
+                        [h.image_id for h in reply.hits],
+                        {h.model_version for h in reply.hits},
+                    )
                 )
-                assert all(h.model_version == reply.model_version for h in reply.hits)
-            except grpc.RpcError as err:
-                errors.append(err)
+        except BaseException as err:  # reaches the test below instead of dying unseen
+            crashed.append(err)
 
-    thread = threading.Thread(target=client)
+    def wait_for(what: str, ready, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert not crashed, f"the search client crashed: {crashed[0]!r}"
+            assert thread.is_alive(), "the search client stopped"
+            assert time.monotonic() < deadline, (
+                f"no {what} within {timeout:.0f} s: {len(answers)} answers, "
+                f"{len(errors)} errors {[e.details() for e in errors[:3]]}"
+            )
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=client, daemon=True)
     thread.start()
     try:
-        while len(answers) < 5:
-            time.sleep(0.01)
+        wait_for("5 answers before the swap", lambda: len(answers) >= 5, 60)
         new_version = write_adapter(served.config.adapter_dir / "round-1", round_=1)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(v == new_version for v, _, _ in answers[-3:]):
-            time.sleep(0.05)
-        time.sleep(0.2)
+        # the swap, then a few answers on the new pair (at least 10 in all)
+        wait_for(
+            f"3 answers on {new_version} after the swap",
+            lambda: sum(a[0] == new_version for a in answers) >= 3 and len(answers) >= 10,
+            60,
+        )
     finally:
         stop.set()
-        thread.join()
-
+        thread.join(timeout=30)  # one Search in flight at most, itself under a 10 s timeout
+    assert not thread.is_alive(), "the search client did not stop"
+    assert not crashed, crashed
     assert not errors, [e.details() for e in errors]
     assert len(answers) >= 10
-    versions = [v for v, _, _ in answers]
+    versions = [v for v, _, _, _ in answers]
     assert versions[0] == old_version and versions[-1] == new_version
     switch = versions.index(new_version)
     assert set(versions[:switch]) == {old_version} and set(versions[switch:]) == {new_version}
@@ -86,7 +109,8 @@ def test_hot_swap_under_search_load(serve_node, tmp_path: Path, write_adapter):
         new_version: expected_ranking(adapted, items, ids, 5),
     }
     assert want[old_version] != want[new_version], "the adapter must change the ranking"
-    for version, used_vector, hits in answers:
+    for version, used_vector, hits, hit_versions in answers:
+        assert hit_versions == {version}  # every hit stamped with the version that scored it
         assert hits == want[version]  # embeddings used == version reported
         assert used_vector == (version == old_version)  # old vector is ignored after the swap
 

@@ -292,7 +292,8 @@ def test_searches_stay_valid_while_ingest_and_embedding_run(serve_node):
         time.sleep(0.1)
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=30)
+    assert not thread.is_alive(), "the searcher thread did not stop"
     assert not errors, errors[:3]
     assert seen[-1] == (40, 40) and len(seen) > 10
     assert [s for s, _ in seen] == sorted(s for s, _ in seen)  # the catalog only grows

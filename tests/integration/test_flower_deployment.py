@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,22 +27,89 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+def _reserve_ports(n: int) -> list[int]:
+    """`n` distinct loopback ports, free a moment ago, for processes that take a port number
+    on their command line (SuperLink, SuperNode) and cannot report one they bound themselves.
+
+    A port from bind(0) is an ephemeral one, which the kernel hands again to the next bind(0)
+    or outgoing connection: every other gRPC server and client of this test run could take it
+    between our release and the child's bind. The ports drawn here lie below the ephemeral
+    range, which the kernel never hands out by itself; they are drawn at random (another run
+    of this test at the same time draws others) and held bound together, so they are
+    distinct. A child that still loses its port is restarted on others (`_start_listening`).
+    """
+    low, _ = _ephemeral_range()
+    pool = range(max(1024, low - 12000), low) if low > 2048 else None
+    rng = random.SystemRandom()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(200 * n):
+            if len(held) == n:
+                break
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", rng.choice(pool) if pool else 0))
+            except OSError:  # taken (or lingering in TIME_WAIT): draw another
+                sock.close()
+                continue
+            held.append(sock)
+        assert len(held) == n, f"no {n} free loopback ports below {low}"
+        return [sock.getsockname()[1] for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _listens(proc: subprocess.Popen, port: int) -> bool:
+    """Whether `proc` itself listens on 127.0.0.1:`port` (not merely: something does)."""
+    try:
+        inodes = set()
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+        fds = Path(f"/proc/{proc.pid}/fd")
+        return any(os.readlink(fd) in inodes for fd in fds.iterdir()) if inodes else False
+    except OSError:  # no procfs (not Linux), or the process just exited: ask the port
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0 and proc.poll() is None
+
+
+def _wait_listening(
+    ports: list[int], proc: subprocess.Popen, log: Path, timeout: float = 90
+) -> bool:
+    """True once `proc` listens on every port; False if it exited because one was taken."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"process exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
+            text = log.read_text()
+            if "address already in use" in text.lower():
+                return False
+            raise AssertionError(f"process exited ({proc.returncode}):\n{text[-3000:]}")
+        if all(_listens(proc, port) for port in ports):
+            return True
         time.sleep(0.3)
-    raise AssertionError(f"port {port} not open after {timeout}s:\n{log.read_text()[-3000:]}")
+    raise AssertionError(f"ports {ports} not open after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _start_listening(start, args_for, n_ports: int, log: Path, attempts: int = 3):
+    """Start `start(args_for(ports), log)` on `n_ports` reserved ports and wait until it
+    listens on them; again on fresh ports if one was taken meanwhile. -> (proc, ports)."""
+    for attempt in range(attempts):
+        ports = _reserve_ports(n_ports)
+        attempt_log = log.with_name(f"{log.stem}-{attempt}{log.suffix}")
+        proc = start(args_for(ports), attempt_log)
+        if _wait_listening(ports, proc, attempt_log):
+            return proc, ports
+    raise AssertionError(f"{log.stem}: its ports were taken {attempts} times in a row")
 
 
 def _http_api() -> bool:
@@ -66,72 +134,68 @@ def test_two_supernodes_on_loopback_finish_a_run(tmp_path, tiny_dataset):
         "FLWR_DISABLE_UPDATE_CHECK": "1",
     }
     http = _http_api()
-    link_port = _free_port()
-    if http:
-        link_args = ["--host", "127.0.0.1", "--port", str(link_port)]
-        control = f"127.0.0.1:{link_port}"
-    else:  # Flower 1.30: gRPC Fleet / Control / ServerAppIo APIs
-        control = f"127.0.0.1:{_free_port()}"
-        link_args = [
-            "--fleet-api-address",
-            f"127.0.0.1:{link_port}",
-            "--control-api-address",
-            control,
-            "--serverappio-api-address",
-            f"127.0.0.1:{_free_port()}",
-        ]
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n'
-        f'[superlink.loopback]\naddress = "{control}"\ninsecure = true\n'
-    )
     procs: list[subprocess.Popen] = []
 
     def start(args: list, log: Path) -> subprocess.Popen:
-        fh = log.open("w")
-        proc = subprocess.Popen(
-            args, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
-            start_new_session=True,
-        )  # fmt: skip
+        with log.open("w") as fh:  # the child holds its own copy of the descriptor
+            proc = subprocess.Popen(
+                args, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                start_new_session=True,
+            )  # fmt: skip
         procs.append(proc)
         return proc
 
+    def link_args(ports: list[int]) -> list:
+        if http:  # Flower >= 1.3x: Fleet and Control over one HTTP port
+            api = ["--host", "127.0.0.1", "--port", str(ports[0])]
+        else:  # Flower 1.30: gRPC Fleet / Control / ServerAppIo APIs
+            fleet, control, serverappio = (f"127.0.0.1:{p}" for p in ports)
+            api = [
+                "--fleet-api-address", fleet,
+                "--control-api-address", control,
+                "--serverappio-api-address", serverappio,
+            ]  # fmt: skip
+        return [
+            BIN / "flower-superlink",
+            "--insecure",
+            "--isolation",
+            "subprocess",
+            "--disable-runtime-dependency-installation",
+            *api,
+        ]
+
     try:
-        link_log = tmp_path / "superlink.log"
-        link = start(
-            [
-                BIN / "flower-superlink",
-                "--insecure",
-                "--isolation",
-                "subprocess",
-                "--disable-runtime-dependency-installation",
-                *link_args,
-            ],
-            link_log,
+        _, link_ports = _start_listening(
+            start, link_args, 1 if http else 3, tmp_path / "superlink.log"
         )
-        _wait_for_port(link_port, link, link_log)
+        link_port, control = link_ports[0], f"127.0.0.1:{link_ports[0 if http else 1]}"
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "loopback"\n\n'
+            f'[superlink.loopback]\naddress = "{control}"\ninsecure = true\n'
+        )
         for i in range(2):
-            node_port = _free_port()
-            node_args = (
-                ["--port", str(node_port)]
-                if http
-                else ["--clientappio-api-address", f"127.0.0.1:{node_port}"]
-            )
             node_config = (
                 f"data-path='{data}' node-id='node{i}' adapter-dir='{tmp_path / f'adapters{i}'}' "
                 "threads=1"
             )
-            start(
-                [
+
+            def node_args(ports: list[int], node_config=node_config) -> list:
+                api = (
+                    ["--port", str(ports[0])]
+                    if http
+                    else ["--clientappio-api-address", f"127.0.0.1:{ports[0]}"]
+                )
+                return [
                     BIN / "flower-supernode",
                     "--insecure",
                     "--superlink",
                     f"127.0.0.1:{link_port}",
                     "--node-config",
                     node_config,
-                    *node_args,
-                ],
-                tmp_path / f"supernode{i}.log",
-            )
+                    *api,
+                ]
+
+            _start_listening(start, node_args, 1, tmp_path / f"supernode{i}.log")
         run_config = (
             f"model='tiny' num-server-rounds=1 max-steps=2 batch-size=8 fraction-evaluate=0.0 "
             f"out-dir='{out}' eval-data='{data}' round-timeout=300.0"

@@ -65,12 +65,107 @@ def test_federated_result_is_the_final_round(mini_report) -> None:
     assert all(report["methods"]["federated"][k] == last[k] for k in ("R1", "mAP"))
 
 
+GREEN, RED, WHITE = (0, 150, 0), (200, 0, 0), (255, 255, 255)  # server.operator.output
+
+
+def tile_frames(sheet) -> list:
+    """The frame colour around each tile slot of a contact sheet, in reading order.
+
+    Rows are found by their frames (the header above them varies with the title); each slot
+    is sampled on its left, top and right edge: one colour where all three agree (WHITE: no
+    frame), else the three samples, so a half-drawn frame fails a comparison.
+    """
+    from server.operator.output import COLUMNS, TILE
+
+    px = sheet.load()
+    rows, y = [], 0
+    while y < sheet.height:  # the 3-px frame runs down columns 5..7 left of the first tile
+        if px[6, y] in (GREEN, RED):
+            rows.append(y + 3)  # the tile starts below the frame's top edge
+            y += TILE + 6
+        else:
+            y += 1
+    frames = []
+    for top in rows:
+        for col in range(COLUMNS):
+            x = 8 + col * (TILE + 8)
+            if x + TILE + 3 > sheet.width:
+                break
+            mid = TILE // 2
+            left, upper = px[x - 2, top + mid], px[x + mid, top - 2]
+            right = px[x + TILE + 1, top + mid]
+            frames.append(left if left == upper == right else (left, upper, right))
+    return frames
+
+
+class _Thumbnails:
+    """A stand-in broker client: a grey crop per hit, or the error a node would give."""
+
+    def __init__(self, missing: set[int]) -> None:
+        self.missing = missing
+
+    def thumbnail(self, node_id: str, image_id: int, max_side: int = 0):
+        import io
+
+        from PIL import Image
+
+        from common.errors import FedRetrieveError
+        from protos import retrieval_pb2
+
+        if image_id in self.missing:
+            raise FedRetrieveError(f"no image {image_id} on {node_id}")
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 64), (120, 120, 120)).save(buf, format="JPEG")
+        return retrieval_pb2.ThumbnailResponse(jpeg=buf.getvalue(), width=32, height=64)
+
+
+def test_contact_sheet_frames_each_hit_green_if_correct_red_if_wrong(tmp_path) -> None:
+    """The ground truth is known here: every frame is checked at its hit's position."""
+    from PIL import Image
+
+    from protos import broker_pb2, retrieval_pb2
+    from server.operator.output import write_contact_sheet
+
+    correct = [True, False, False, True, True, False, True]  # two rows of five slots
+    response = broker_pb2.BrokerSearchResponse(
+        hits=[
+            retrieval_pb2.Hit(node_id="n", image_id=i + 1, score=1 - i / 10)
+            for i in range(len(correct))
+        ]
+    )
+    client = _Thumbnails(missing={4})  # an unavailable thumbnail is framed all the same
+    titled = "a person in a long red coat with a black backpack and white shoes " * 3
+    for title in ("", titled):
+        path = tmp_path / f"sheet{len(title)}.png"
+        missing = write_contact_sheet(response, client, path, title=title, correct=correct)
+        assert len(missing) == 1 and missing[0].startswith("n/4:")
+        frames = tile_frames(Image.open(path).convert("RGB"))
+        assert frames == [GREEN if ok else RED for ok in correct] + [WHITE] * 3, title
+    write_contact_sheet(response, client, tmp_path / "plain.png")  # no ground truth: no frames
+    assert tile_frames(Image.open(tmp_path / "plain.png").convert("RGB")) == []
+    with pytest.raises(ValueError, match="7 hits"):
+        write_contact_sheet(response, client, tmp_path / "x.png", correct=correct[:-1])
+
+
 def test_contact_sheet_marks_hits_against_ground_truth(mini_report) -> None:
     """Each sheet query is titled and every hit framed green (the person described) or red."""
     from PIL import Image
 
-    _, out = mini_report
-    sheet = Image.open(out / "contact_sheet.png").convert("RGB")
-    colours = {c for _, c in sheet.getcolors(maxcolors=1 << 20)}
+    from server.operator.output import COLUMNS
+
+    report, out = mini_report
+    serving = report["setup"]["config"]["serving"]
+    sheets = sorted((out / "serve").glob("sheet-*.png"))
+    assert len(sheets) == serving["sheet_queries"] == 2
+    k = serving["sheet_k"]
+    slots, hits = [], []
+    for path in sheets:
+        frames = tile_frames(Image.open(path).convert("RGB"))
+        assert all(f in (GREEN, RED) for f in frames[:k]), (path.name, frames)
+        assert frames[k:] == [WHITE] * (-k % COLUMNS), (path.name, frames)  # empty: unframed
+        slots += frames
+        hits += frames[:k]
+    # the report's sheet is the per-query sheets stacked, frames and all
+    assert tile_frames(Image.open(out / "contact_sheet.png").convert("RGB")) == slots
     # 8 hits per query, and no person has 8 test crops in the mini gallery: some are wrong
-    assert (200, 0, 0) in colours
+    assert RED in hits

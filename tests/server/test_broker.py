@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import grpc
 import pytest
@@ -45,21 +46,48 @@ def test_merges_by_score_rekeys_hits_and_reports_full_coverage(scripted_nodes, s
     assert sent.k == 3 and sent.text == "a woman in a red jacket"
 
 
+# gRPC sends a timeout as a `grpc-timeout` header in whole milliseconds below 1 s, and its
+# clock ticks in milliseconds: a node may see up to a few ms more than the broker computed
+GRPC_TIMEOUT_SLACK_S = 0.01
+
+
+@dataclass
+class TimedNode(ScriptedNode):
+    """A ScriptedNode that also records the gRPC deadline each call arrived with: the
+    per-node timeout the broker computed, seen from the node's side."""
+
+    remaining_s: list[float] = field(default_factory=list)
+
+    def Search(self, request, context):
+        self.remaining_s.append(context.time_remaining())
+        return super().Search(request, context)
+
+
 def test_hanging_node_is_timed_out_and_the_answer_arrives_within_deadline(
     scripted_nodes, start_broker
 ):
+    deadline_ms, margin_ms = 300, 100
     fast, hung = scripted_nodes(
-        ScriptedNode("fast", [(1, 0.9)]), ScriptedNode("hung", [(2, 0.99)], delay_s=30)
+        TimedNode("fast", [(1, 0.9)]), TimedNode("hung", [(2, 0.99)], delay_s=30)
     )
-    handle = start_broker(broker_config({"fast": fast.address, "hung": hung.address}))
+    config = broker_config({"fast": fast.address, "hung": hung.address}, merge_margin_ms=margin_ms)
+    handle = start_broker(config)
     handle.stub.Search(request(node_ids=["fast"]), metadata=handle.auth(), timeout=10)  # warm up
-    deadline_ms = 300
     t0 = time.perf_counter()
     response = handle.stub.Search(
         request(deadline_ms=deadline_ms), metadata=handle.auth(), timeout=10
     )
     took = elapsed_ms(t0)
-    assert took < deadline_ms + 100, f"answer took {took:.0f} ms for a {deadline_ms} ms deadline"
+    # each node was given the query's deadline less the merge margin (0.2 s), not the
+    # broker's default (1.5 s) nor the whole deadline
+    node_budget_s = (deadline_ms - margin_ms) / 1000
+    (remaining,) = hung.servicer.remaining_s
+    assert 0 < remaining <= node_budget_s + GRPC_TIMEOUT_SLACK_S
+    assert 0 < fast.servicer.remaining_s[-1] <= node_budget_s + GRPC_TIMEOUT_SLACK_S
+    # the straggler sleeps 100x the deadline: an answer within 10x did not wait for it, on
+    # a loaded 2-core box as well (the deadline arithmetic is checked above, not the clock)
+    assert took < 10 * deadline_ms, f"answer took {took:.0f} ms for a {deadline_ms} ms deadline"
+    assert 0 < response.took_ms <= took  # the broker's own timing lies inside the call
     assert [(h.node_id, h.image_id) for h in response.hits] == [("fast", 1)]
     late = outcome(response, "hung")
     assert late.state == "timed_out" and late.grpc_status in {"DEADLINE_EXCEEDED", "CANCELLED"}
@@ -69,13 +97,21 @@ def test_hanging_node_is_timed_out_and_the_answer_arrives_within_deadline(
 
 
 def test_callers_own_shorter_grpc_deadline_caps_the_query(scripted_nodes, start_broker):
+    caller_s, margin_ms = 1.0, 400  # a wide margin: the answer has 0.2 s to get back
     fast, hung = scripted_nodes(
-        ScriptedNode("fast", [(1, 0.9)]), ScriptedNode("hung", [(2, 0.9)], delay_s=30)
+        TimedNode("fast", [(1, 0.9)]), TimedNode("hung", [(2, 0.9)], delay_s=30)
     )
-    handle = start_broker(broker_config({"fast": fast.address, "hung": hung.address}))
-    t0 = time.perf_counter()
-    response = handle.stub.Search(request(deadline_ms=5000), metadata=handle.auth(), timeout=0.5)
-    assert elapsed_ms(t0) < 600
+    config = broker_config({"fast": fast.address, "hung": hung.address}, merge_margin_ms=margin_ms)
+    handle = start_broker(config)
+    # the request allows 5 s, the caller's own gRPC deadline 1 s: the nodes get what is
+    # left of the caller's, less the margin. (A broker that waited 5 s would make this
+    # call fail with DEADLINE_EXCEEDED after 1 s.)
+    response = handle.stub.Search(
+        request(deadline_ms=5000), metadata=handle.auth(), timeout=caller_s
+    )
+    (remaining,) = hung.servicer.remaining_s
+    assert 0 < remaining <= caller_s - margin_ms / 1000 + GRPC_TIMEOUT_SLACK_S
+    assert 0 < response.took_ms < caller_s * 1000  # it answered inside the caller's deadline
     assert outcome(response, "hung").state == "timed_out"
 
 

@@ -126,6 +126,11 @@ def test_dataset_captions_match_identities(tmp_path):
         )
         for i in json.loads((out / "identities.json").read_text())
     }
-    for rec in json.loads((out / "annotations.json").read_text()):
+    records = json.loads((out / "annotations.json").read_text())
+    assert records, "the generator wrote no annotations: nothing would be checked"
+    # every identity of the benchmark (8 target + 2 source) is pictured, and only those
+    assert len(idents) == 10 and {rec["id"] for rec in records} == set(idents)
+    for rec in records:
+        assert len(rec["captions"]) == 2, rec  # the generator writes two per image
         for cap in rec["captions"]:
             check_caption(cap, idents[rec["id"]])
