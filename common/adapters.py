@@ -8,6 +8,7 @@ refuses an adapter made for another base instead of serving garbage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,7 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import peft
+import safetensors
+import safetensors.torch
 from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
 
 from common.errors import AdapterMismatch
 from common.model import DualEncoder
@@ -132,22 +136,33 @@ def load_adapter(
             f"adapter {path} was trained on base {manifest.base_version!r}; this model is "
             f"{model.version!r} (load the matching base model or retrain the adapter)"
         )
-    digest = hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()
-    if digest != manifest.adapter_fingerprint:
+    weights = (path / WEIGHTS_FILE).read_bytes()
+    if hashlib.sha256(weights).hexdigest() != manifest.adapter_fingerprint:
         raise AdapterMismatch(
             f"adapter {path}: weights do not match the manifest checksum "
             "(partially copied or modified after saving)"
         )
     try:
-        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
-    except (ValueError, RuntimeError, KeyError) as err:
+        saved = safetensors.torch.load(weights)
+    except (safetensors.SafetensorError, ValueError, OSError) as err:
+        raise AdapterMismatch(f"adapter {path}: {WEIGHTS_FILE} is unreadable ({err})") from err
+    try:
+        # mismatched sizes are left to the layout check below, which names them all in one line
+        peft_model = PeftModel.from_pretrained(
+            model, str(path), is_trainable=trainable, ignore_mismatched_sizes=True
+        )
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AdapterMismatch(
-            f"adapter {path} does not fit model {model.version!r}: {err}"
+            f"adapter {path} does not fit model {model.version!r}: {first}"
         ) from err
-    from common.lora import LoraSettings, check_adapter_state, get_adapter_state
+    from common.lora import LoraSettings, check_adapter_state
 
-    state = get_adapter_state(peft_model)
-    check_adapter_state(state, state, where=str(path))  # finite values
+    # The expected layout: this base model wrapped with the adapter's own LoraConfig (what
+    # PEFT just built). The saved tensors must match it key for key, in shape and dtype, and
+    # be finite; PEFT itself only warns about missing keys and leaves those at their init.
+    expected = get_peft_model_state_dict(peft_model)
+    check_adapter_state(expected, saved, where=f"adapter {path}")
     if manifest.lora:
         peft_model.fedretrieve_lora = LoraSettings.from_spec(manifest.lora)
     peft_model.fedretrieve_manifest = manifest
@@ -167,6 +182,28 @@ class AdapterCandidate:
     @property
     def key(self) -> tuple[str, str]:
         return (str(self.path), self.fingerprint)
+
+
+FilesStamp = tuple[tuple[str, int, int], ...]
+
+
+def files_stamp(path: Path) -> FilesStamp:
+    """(name, size, mtime_ns) of every file in the adapter directory `path`, sorted.
+
+    What "this adapter changed" means for a refused one: a directory completed in place
+    (a `cp -r` that wrote the manifest first, then the weights) has the same manifest
+    fingerprint before and after, but not the same files. () when `path` cannot be read.
+    """
+    stamp = []
+    try:
+        for sub in sorted(path.rglob("*")):
+            with contextlib.suppress(FileNotFoundError):
+                st = sub.stat()
+                if sub.is_file():
+                    stamp.append((str(sub.relative_to(path)), st.st_size, st.st_mtime_ns))
+    except OSError:
+        return ()
+    return tuple(stamp)
 
 
 def read_candidate(path: Path) -> AdapterCandidate | None:

@@ -70,3 +70,38 @@ def status_code_for(err: BaseException) -> grpc.StatusCode:
         if cls in STATUS_CODES:
             return STATUS_CODES[cls]
     return grpc.StatusCode.INTERNAL
+
+
+# ---------------------------------------------------------------- short messages
+# Error details travel as gRPC metadata (about 8 KB in all) and land in logs: a message
+# that quotes caller input must stay short and on one line, whatever the caller sent.
+_TAME = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def short_repr(value: object, max_chars: int = 40) -> str:
+    """`repr(value)` on one line, at most about `max_chars` characters of a long string
+    kept, with how many more there were (`'aaaa…'(+9,996 chars)`)."""
+    if isinstance(value, (str, bytes)) and len(value) > max_chars:
+        return f"{value[:max_chars]!r}…(+{len(value) - max_chars:,} chars)"
+    text = repr(value)
+    return text if len(text) <= max_chars + 20 else text[: max_chars + 20] + "…"
+
+
+def name_some(values: object, *, limit: int = 5, plain: bool = False) -> str:
+    """The first `limit` of `values` and how many more: `['a', 'b'] (+4,998 more)`.
+
+    Every value is `short_repr`'d, so a message naming caller input stays short and
+    cannot forge a log line. `plain` leaves tame values ([A-Za-z0-9._-], up to 40 chars)
+    unquoted and joins with ", " (`cam1, cam2 (+3 more)`).
+    """
+    items = list(values)  # type: ignore[call-overload]
+    shown = items[:limit]
+    if plain:
+        text = ", ".join(
+            v if isinstance(v, str) and 0 < len(v) <= 40 and set(v) <= _TAME else short_repr(v)
+            for v in shown
+        )
+    else:
+        text = "[" + ", ".join(short_repr(v) for v in shown) + "]"
+    more = len(items) - len(shown)
+    return f"{text} (+{more:,} more)" if more else text

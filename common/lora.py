@@ -140,31 +140,51 @@ def check_adapter_state(
     max_norm: float | None = None,
     where: str = "adapter",
 ) -> None:
-    """Raise AdapterMismatch unless `state` fits `reference` exactly and is finite."""
+    """Raise AdapterMismatch unless `state` fits `reference` exactly and is finite.
+
+    Keys, then shapes, then dtypes: each message names the first few offending keys and how
+    many there are, so a renamed layer or a wrong rank is obvious from one line.
+    """
     missing = [k for k in reference if k not in state]
     unexpected = [k for k in state if k not in reference]
     if unexpected or (missing and not allow_subset):
         raise AdapterMismatch(
-            f"{where}: keys differ from this model's adapter "
-            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+            f"{where}: keys differ from this model's adapter layout "
+            f"({len(missing)} missing {_few(missing)}, "
+            f"{len(unexpected)} unexpected {_few(unexpected)})"
+        )
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        kind = type(state[not_tensors[0]]).__name__
+        raise AdapterMismatch(
+            f"{where}: {len(not_tensors)} value(s) are not tensors, e.g. {not_tensors[0]} is {kind}"
+        )
+    shapes = [k for k, v in state.items() if tuple(v.shape) != tuple(reference[k].shape)]
+    if shapes:
+        k = shapes[0]
+        raise AdapterMismatch(
+            f"{where}: {len(shapes)} tensor(s) have the wrong shape {_few(shapes)}; "
+            f"{k} has shape {tuple(state[k].shape)}, expected {tuple(reference[k].shape)}"
+        )
+    dtypes = [k for k, v in state.items() if v.dtype != reference[k].dtype]
+    if dtypes:
+        k = dtypes[0]
+        raise AdapterMismatch(
+            f"{where}: {len(dtypes)} tensor(s) have the wrong dtype {_few(dtypes)}; "
+            f"{k} has dtype {state[k].dtype}, expected {reference[k].dtype}"
         )
     total = 0.0
     for key, value in state.items():
-        ref = reference[key]
-        if not isinstance(value, torch.Tensor):
-            raise AdapterMismatch(f"{where}: {key} is {type(value).__name__}, not a tensor")
-        if tuple(value.shape) != tuple(ref.shape):
-            raise AdapterMismatch(
-                f"{where}: {key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
-            )
-        if value.dtype != ref.dtype:
-            raise AdapterMismatch(f"{where}: {key} has dtype {value.dtype}, expected {ref.dtype}")
         if not torch.isfinite(value).all():
             raise AdapterMismatch(f"{where}: {key} contains NaN or inf")
         total += float(value.double().pow(2).sum())
     if max_norm is not None and total**0.5 > max_norm:
         raise AdapterMismatch(f"{where}: L2 norm {total**0.5:.4g} exceeds the bound {max_norm}")
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    """The first `n` of `keys` for a message: `['a', 'b', 'c', ...]`."""
+    return "[" + ", ".join(repr(k) for k in keys[:n]) + (", ...]" if len(keys) > n else "]")
 
 
 def set_adapter_state(

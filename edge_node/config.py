@@ -11,6 +11,7 @@ paths against the config file's folder. Every field is documented in `edge_node/
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,15 +64,28 @@ class IndexSettings:
 
 @dataclass(frozen=True)
 class AuthSettings:
-    """Who may call the node (`[auth]`). An empty token disables token checks (tests, labs)."""
+    """Who may call the node (`[auth]`).
+
+    Credentials are a token (`token`/`token-file`) or mTLS (`tls-client-ca`); TLS alone
+    encrypts but lets anyone call. Without credentials the node is open: allowed on a
+    loopback `listen` address (with a WARNING at start), and on any other address only
+    with an explicit `allow-unauthenticated = true` (`NodeConfig` checks it).
+    """
 
     token: str = ""  # bearer token expected in `authorization: Bearer <token>`
     token_file: str = ""  # or read it from this file (preferred: keeps it out of the config)
     tls_cert: str = ""  # server certificate (PEM); with tls_key enables TLS
     tls_key: str = ""
     tls_client_ca: str = ""  # CA bundle; when set, clients must present a certificate (mTLS)
+    allow_unauthenticated: bool = False  # must be set to listen beyond loopback without credentials
 
     def __post_init__(self) -> None:
+        _require(
+            isinstance(self.allow_unauthenticated, bool),
+            "[auth] allow-unauthenticated",
+            "must be true or false",
+            self.allow_unauthenticated,
+        )
         _require(
             not (self.token and self.token_file), "[auth] token/token-file", "set only one", "both"
         )
@@ -104,6 +118,14 @@ class AuthSettings:
             return token
         return self.token
 
+    @property
+    def has_credentials(self) -> bool:
+        """A caller must prove who it is: a token, or a client certificate (mTLS)."""
+        return bool(self.token or self.token_file or self.tls_client_ca)
+
+
+FILE_NAME_CHARSETS = ("printable", "portable")
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -117,9 +139,23 @@ class Limits:
     thumbnail_max_side: int = 256  # default and upper bound of GetThumbnail's max_side
     grpc_workers: int = 8  # concurrent RPCs
     max_message_mb: int = 64  # gRPC receive limit (Ingest carries images)
+    max_file_name_chars: int = 255  # ImageItem.file_name (a file system's usual limit)
+    file_name_charset: str = "printable"  # or "portable": only [A-Za-z0-9._-]
+    max_captions: int = 16  # captions per image
+    max_caption_chars: int = 1024
+    max_camera_id_chars: int = 64  # ImageItem.camera_id and each Search camera filter
+    max_camera_ids: int = 256  # camera ids in one Search filter
 
     def __post_init__(self) -> None:
+        _require(
+            self.file_name_charset in FILE_NAME_CHARSETS,
+            "[limits] file-name-charset",
+            f"must be one of {FILE_NAME_CHARSETS}",
+            self.file_name_charset,
+        )
         for f in dataclasses.fields(self):
+            if f.type in (str, "str"):
+                continue
             value = getattr(self, f.name)
             _require(
                 isinstance(value, int) and value >= 1,
@@ -166,6 +202,15 @@ class NodeConfig:
             self.node_id,
         )
         _require(_is_host_port(self.listen), "listen", "must be host:port", self.listen)
+        if not self.auth.has_credentials and not self.auth.allow_unauthenticated:
+            _require(
+                is_loopback(self.listen),
+                "listen / [auth]",
+                "a node listening beyond loopback needs credentials: set [auth] token-file "
+                "(or token), or tls-client-ca for mTLS; or set [auth] allow-unauthenticated "
+                "= true to serve raw images to anyone who can reach it",
+                self.listen,
+            )
         _require(
             not self.metrics_listen or _is_host_port(self.metrics_listen),
             "metrics-listen",
@@ -194,6 +239,17 @@ class NodeConfig:
                 "must be a directory",
                 str(self.adapter_dir),
             )
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether a host:port listen address accepts connections from this machine only."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _is_host_port(value: str) -> bool:

@@ -128,3 +128,21 @@ class BrokerStatusResponse(_message.Message):
     nodes: _containers.RepeatedCompositeFieldContainer[NodeHealth]
     model_version: str
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeHealth, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class SearchSimilarRequest(_message.Message):
+    __slots__ = ("node_id", "image_id", "k", "deadline_ms", "node_ids", "filters", "require_full_coverage")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_FULL_COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    image_id: int
+    k: int
+    deadline_ms: int
+    node_ids: _containers.RepeatedScalarFieldContainer[str]
+    filters: _retrieval_pb2.Filters
+    require_full_coverage: bool
+    def __init__(self, node_id: _Optional[str] = ..., image_id: _Optional[int] = ..., k: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., node_ids: _Optional[_Iterable[str]] = ..., filters: _Optional[_Union[_retrieval_pb2.Filters, _Mapping]] = ..., require_full_coverage: _Optional[bool] = ...) -> None: ...

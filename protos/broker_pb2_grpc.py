@@ -50,6 +50,11 @@ class BrokerServiceStub:
                 request_serializer=protos_dot_broker__pb2.BrokerStatusRequest.SerializeToString,
                 response_deserializer=protos_dot_broker__pb2.BrokerStatusResponse.FromString,
                 _registered_method=True)
+        self.SearchSimilar = channel.unary_unary(
+                '/fedretrieve.v1.BrokerService/SearchSimilar',
+                request_serializer=protos_dot_broker__pb2.SearchSimilarRequest.SerializeToString,
+                response_deserializer=protos_dot_broker__pb2.BrokerSearchResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServiceServicer:
@@ -73,6 +78,14 @@ class BrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchSimilar(self, request, context):
+        """Find similar: the node that holds the image embeds it (NodeService.EmbedImage) and the
+        broker fans that vector out like a text query's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +103,11 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=protos_dot_broker__pb2.BrokerStatusRequest.FromString,
                     response_serializer=protos_dot_broker__pb2.BrokerStatusResponse.SerializeToString,
+            ),
+            'SearchSimilar': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchSimilar,
+                    request_deserializer=protos_dot_broker__pb2.SearchSimilarRequest.FromString,
+                    response_serializer=protos_dot_broker__pb2.BrokerSearchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +191,33 @@ class BrokerService:
             '/fedretrieve.v1.BrokerService/Status',
             protos_dot_broker__pb2.BrokerStatusRequest.SerializeToString,
             protos_dot_broker__pb2.BrokerStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchSimilar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedretrieve.v1.BrokerService/SearchSimilar',
+            protos_dot_broker__pb2.SearchSimilarRequest.SerializeToString,
+            protos_dot_broker__pb2.BrokerSearchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,5 @@
 from protos import retrieval_pb2 as _retrieval_pb2
+from protos import broker_pb2 as _broker_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -22,7 +23,7 @@ class SearchRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., vector: _Optional[_Union[_retrieval_pb2.QueryVector, _Mapping]] = ..., k: _Optional[int] = ..., filters: _Optional[_Union[_retrieval_pb2.Filters, _Mapping]] = ..., query_id: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "model_version", "adapter_version", "gallery_size", "vectors_searched", "used_vector", "took_ms")
+    __slots__ = ("hits", "model_version", "adapter_version", "gallery_size", "vectors_searched", "used_vector", "took_ms", "lower_tier")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +31,7 @@ class SearchResponse(_message.Message):
     VECTORS_SEARCHED_FIELD_NUMBER: _ClassVar[int]
     USED_VECTOR_FIELD_NUMBER: _ClassVar[int]
     TOOK_MS_FIELD_NUMBER: _ClassVar[int]
+    LOWER_TIER_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[_retrieval_pb2.Hit]
     model_version: str
     adapter_version: str
@@ -37,7 +39,8 @@ class SearchResponse(_message.Message):
     vectors_searched: int
     used_vector: bool
     took_ms: float
-    def __init__(self, hits: _Optional[_Iterable[_Union[_retrieval_pb2.Hit, _Mapping]]] = ..., model_version: _Optional[str] = ..., adapter_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., vectors_searched: _Optional[int] = ..., used_vector: _Optional[bool] = ..., took_ms: _Optional[float] = ...) -> None: ...
+    lower_tier: _containers.RepeatedCompositeFieldContainer[_broker_pb2.NodeOutcome]
+    def __init__(self, hits: _Optional[_Iterable[_Union[_retrieval_pb2.Hit, _Mapping]]] = ..., model_version: _Optional[str] = ..., adapter_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., vectors_searched: _Optional[int] = ..., used_vector: _Optional[bool] = ..., took_ms: _Optional[float] = ..., lower_tier: _Optional[_Iterable[_Union[_broker_pb2.NodeOutcome, _Mapping]]] = ...) -> None: ...
 
 class ImageItem(_message.Message):
     __slots__ = ("data", "camera_id", "timestamp_ms", "captions", "file_name")
@@ -76,12 +79,14 @@ class IngestResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[IngestResult, _Mapping]]] = ...) -> None: ...
 
 class ThumbnailRequest(_message.Message):
-    __slots__ = ("image_id", "max_side")
+    __slots__ = ("image_id", "max_side", "node_id")
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
     image_id: int
     max_side: int
-    def __init__(self, image_id: _Optional[int] = ..., max_side: _Optional[int] = ...) -> None: ...
+    node_id: str
+    def __init__(self, image_id: _Optional[int] = ..., max_side: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
@@ -128,3 +133,19 @@ class StatusResponse(_message.Message):
     indexed_size: int
     camera_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, node_id: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., adapter_version: _Optional[str] = ..., backend: _Optional[str] = ..., reindex: _Optional[_Union[ReindexProgress, _Mapping]] = ..., rejected_images: _Optional[int] = ..., index_type: _Optional[str] = ..., embed_dim: _Optional[int] = ..., backend_note: _Optional[str] = ..., indexed_size: _Optional[int] = ..., camera_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EmbedImageRequest(_message.Message):
+    __slots__ = ("image_id",)
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    image_id: int
+    def __init__(self, image_id: _Optional[int] = ...) -> None: ...
+
+class EmbedImageResponse(_message.Message):
+    __slots__ = ("vector", "camera_id", "timestamp_ms")
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    vector: _retrieval_pb2.QueryVector
+    camera_id: str
+    timestamp_ms: int
+    def __init__(self, vector: _Optional[_Union[_retrieval_pb2.QueryVector, _Mapping]] = ..., camera_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...

@@ -55,6 +55,11 @@ class NodeServiceStub:
                 request_serializer=protos_dot_node__pb2.StatusRequest.SerializeToString,
                 response_deserializer=protos_dot_node__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.EmbedImage = channel.unary_unary(
+                '/fedretrieve.v1.NodeService/EmbedImage',
+                request_serializer=protos_dot_node__pb2.EmbedImageRequest.SerializeToString,
+                response_deserializer=protos_dot_node__pb2.EmbedImageResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -84,6 +89,14 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EmbedImage(self, request, context):
+        """The owner node embeds one of its own crops (find similar): the vector leaves the node,
+        the image does not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +119,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=protos_dot_node__pb2.StatusRequest.FromString,
                     response_serializer=protos_dot_node__pb2.StatusResponse.SerializeToString,
+            ),
+            'EmbedImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.EmbedImage,
+                    request_deserializer=protos_dot_node__pb2.EmbedImageRequest.FromString,
+                    response_serializer=protos_dot_node__pb2.EmbedImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +234,33 @@ class NodeService:
             '/fedretrieve.v1.NodeService/Status',
             protos_dot_node__pb2.StatusRequest.SerializeToString,
             protos_dot_node__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedretrieve.v1.NodeService/EmbedImage',
+            protos_dot_node__pb2.EmbedImageRequest.SerializeToString,
+            protos_dot_node__pb2.EmbedImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

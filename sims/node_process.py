@@ -7,7 +7,9 @@ on stdout (`READY host:port`), so no port is picked by one process and bound by 
 file; a node that exits before it is ready fails with the end of that log.
 
 `run_json_child` is the other half: a measurement child (`python -m MODULE ARGS`) that
-prints one JSON line as its result, for benchmarks that must measure a process of its own.
+prints one JSON line as its result, for benchmarks that must measure a process of its own;
+`start_json_child` starts one that prints a JSON line when ready and then answers
+one-line requests on stdin with JSON lines (the fleet benchmark's hosts of many sites).
 """
 
 from __future__ import annotations
@@ -277,3 +279,56 @@ def run_json_child(
     if proc.returncode != 0 or not proc.stdout.strip():
         raise Unavailable(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class JsonChild:
+    """A long-running child that speaks one JSON line per request over stdin/stdout."""
+
+    proc: subprocess.Popen
+    ready: dict
+
+    def ask(self, line: str, timeout_s: float = 60.0) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return json.loads(_read_line(self.proc, timeout_s, "an answer"))
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Close its stdin (it exits), then kill it after `timeout_s`."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_json_child(
+    module: str, args: Sequence[str], *, ready_timeout_s: float, omp_threads: int | None = 1
+) -> JsonChild:
+    """Start `python -m module args` and return once it printed its ready JSON line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(omp_threads),
+    )
+    try:
+        return JsonChild(proc, json.loads(_read_line(proc, ready_timeout_s, "its ready line")))
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def _read_line(proc: subprocess.Popen, timeout_s: float, what: str) -> str:
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if sel.select(timeout=timeout_s):
+            line = proc.stdout.readline()
+            if line:
+                return line
+    raise Unavailable(f"{' '.join(map(str, proc.args))[:200]}: no {what} in {timeout_s:.0f} s")

@@ -1,4 +1,4 @@
-"""Who may call a service: one bearer-token interceptor and TLS/mTLS server credentials.
+"""Who may call a service: the one server interceptor (`RpcGuard`) and TLS/mTLS credentials.
 
 Why an interceptor: the check must cover every RPC, including ones added later, without a
 line in each servicer method. It refuses with UNAUTHENTICATED *before anything is
@@ -15,6 +15,11 @@ Which methods are open (callable without a token):
   it, so an anonymous caller on a site network learns nothing beyond "it is alive".
 - Everything else, unknown method names included (an anonymous caller is not told which
   methods exist), needs `authorization: Bearer <token>`.
+
+The same interceptor also runs on open servers (no tokens; a node or broker started with
+`allow-unauthenticated = true`): it guards every method's request decoding
+(`common.rpc.decoding`: undecodable bytes are INVALID_ARGUMENT, not INTERNAL with a
+traceback), and its `on_refused` hook counts refused authentications.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from typing import Any
 
 import grpc
 
-from common.errors import ConfigError
+from common.errors import ConfigError, short_repr
+from common.rpc.decoding import guard_decoding
 
 log = logging.getLogger(__name__)
 
@@ -58,30 +64,42 @@ def _deny_handler(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.R
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-class BearerTokenAuth(grpc.ServerInterceptor):
-    """Refuse (UNAUTHENTICATED) every call outside the open methods whose `authorization`
-    metadata is not `Bearer <one of tokens>`.
+OnRefused = Callable[[str, str], None]  # (method, reason: "missing" | "wrong")
+
+
+class RpcGuard(grpc.ServerInterceptor):
+    """The one interceptor every server installs: the token check (when `tokens` are
+    given), refusal of undecodable request bytes (`common.rpc.decoding`) and a hook that
+    counts refused authentications.
 
     `tokens`: every accepted token (the offered one is compared in constant time against
-    each of them, so timing does not tell which matched). `open_prefixes`: method-name
-    prefixes callable without a token, in addition to health (always open).
-    `token_name` words the refusal ("missing operator token: ...").
+    each of them, so timing does not tell which matched); none: an open server (no token
+    check, decoding still guarded). `open_prefixes`: method-name prefixes callable without
+    a token, in addition to health (always open). `token_name` words the refusal
+    ("missing operator token: ..."). `on_refused(method, reason)` runs once per refused
+    call (the daemons' Prometheus counters).
     """
 
     def __init__(
         self,
-        tokens: Sequence[str],
+        tokens: Sequence[str] = (),
         *,
         open_prefixes: Sequence[str] = (),
         token_name: str = "bearer",
+        on_refused: OnRefused | None = None,
     ) -> None:
         if isinstance(tokens, str):  # a str would be taken as one token per character
-            raise TypeError("BearerTokenAuth takes a tuple of tokens, not one str")
-        if not tokens or not all(tokens):
-            raise ValueError("BearerTokenAuth needs one or more non-empty tokens")
+            raise TypeError(f"{type(self).__name__} takes a tuple of tokens, not one str")
+        if not all(tokens):
+            raise ValueError(f"{type(self).__name__}: a token is empty")
         self._tokens = tuple(t.encode() for t in tokens)
         self._open = (HEALTH_PREFIX, *open_prefixes)
         self._token_name = token_name
+        self._on_refused = on_refused
+
+    @property
+    def checks_tokens(self) -> bool:
+        return bool(self._tokens)
 
     def _refusal_reason(self, metadata: Sequence[Any] | None) -> str | None:
         """None when a valid token is offered, else "missing" or "wrong"."""
@@ -102,17 +120,37 @@ class BearerTokenAuth(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if method.startswith(self._open):
-            return continuation(handler_call_details)
+        if not self._tokens or method.startswith(self._open):
+            return self._guarded(continuation(handler_call_details), method)
         reason = self._refusal_reason(handler_call_details.invocation_metadata)
         if reason is None:
-            return continuation(handler_call_details)
-        log.warning("refused %s: %s %s token", method, reason, self._token_name)
+            return self._guarded(continuation(handler_call_details), method)
+        # the method name is the caller's: quoted and cut short, it cannot forge a line
+        log.warning("refused %s: %s %s token", short_repr(method, 80), reason, self._token_name)
+        if self._on_refused is not None:
+            self._on_refused(method, reason)
         # continuation only looks the handler up (for its streaming shape); nothing is read
         return _deny_handler(
             continuation(handler_call_details),
             f"{reason} {self._token_name} token: send metadata 'authorization: Bearer <token>'",
         )
+
+    @staticmethod
+    def _guarded(handler: grpc.RpcMethodHandler | None, method: str):
+        # None: no such method; grpc answers UNIMPLEMENTED without reading the request
+        return None if handler is None else guard_decoding(handler, method)
+
+
+class BearerTokenAuth(RpcGuard):
+    """An `RpcGuard` that must check tokens: refuse (UNAUTHENTICATED) every call outside
+    the open methods whose `authorization` metadata is not `Bearer <one of tokens>`."""
+
+    def __init__(self, tokens: Sequence[str], **kwargs: Any) -> None:
+        if isinstance(tokens, str):
+            raise TypeError("BearerTokenAuth takes a tuple of tokens, not one str")
+        if not tokens or not all(tokens):
+            raise ValueError("BearerTokenAuth needs one or more non-empty tokens")
+        super().__init__(tokens, **kwargs)
 
 
 def _read_pem(path: str | Path, what: str) -> bytes:

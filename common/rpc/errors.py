@@ -12,6 +12,10 @@ Hooks keep the service-specific parts with their service: `scope(request)` is a 
 manager around the whole call (the node's query-id contextvar, so every log line of the
 call carries it), `on_outcome(servicer, method, code, seconds)` runs after every call,
 successful or not (the node's request metrics, the broker's error counter).
+Every details string is capped at `MAX_DETAILS_CHARS` (messages that quote caller input
+are kept short where they are made, with `common.errors.name_some`; the cap is the
+backstop: details travel in gRPC metadata, whose limit turns an over-long message into
+RESOURCE_EXHAUSTED instead of the status meant).
 Why a decorator and not an interceptor: interceptors in grpcio cannot see the servicer or
 the deserialized request, which the hooks need.
 """
@@ -37,6 +41,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 OnOutcome = Callable[[Any, str, grpc.StatusCode, float], None]
 MapRpcError = Callable[[grpc.RpcError, Any], tuple[grpc.StatusCode, str]]
 Scope = Callable[[Any], AbstractContextManager]
+
+MAX_DETAILS_CHARS = 400
+
+
+def bounded_details(details: str) -> str:
+    """`details` on one line and at most MAX_DETAILS_CHARS characters."""
+    details = " ".join(details.splitlines())
+    if len(details) <= MAX_DETAILS_CHARS:
+        return details
+    keep = MAX_DETAILS_CHARS - 20
+    return f"{details[:keep]}… (+{len(details) - keep:,} chars)"
 
 
 def translate_errors(
@@ -68,6 +83,7 @@ def translate_errors(
                     grpc.StatusCode.INTERNAL,
                     f"internal {process} error in {name}; see the {process}'s log for details",
                 )
+            details = bounded_details(details)
             log.info("%s refused (%s): %s", name, code.name, details)
             return code, details
 

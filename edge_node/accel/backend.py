@@ -38,16 +38,54 @@ class EmbeddingBackend(Protocol):
 BackendLoader = Callable[[str, "Path | None", str], EmbeddingBackend]
 
 
+PROBE_TEXT = "a person in a red jacket"
+
+
+def probe_crop() -> Image.Image:
+    """A small synthetic person-sized crop (deterministic): what the image probe embeds."""
+    h, w = 64, 32
+    y, x = np.mgrid[0:h, 0:w]
+    pixels = np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 255 // (h + w - 2)], -1)
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
+def _probe_problem(out: np.ndarray, embed_dim: int) -> str:
+    """Why the probe output `out` is unusable ("" when it is a unit row of `embed_dim`)."""
+    out = np.asarray(out)
+    if out.shape != (1, embed_dim):
+        return f"shape {out.shape}, expected (1, {embed_dim})"
+    if not np.isfinite(out).all():
+        return f"{int((~np.isfinite(out)).sum())} of {embed_dim} values are NaN or inf"
+    norm = float(np.linalg.norm(out.astype(np.float64)))
+    if not 0.9 <= norm <= 1.1:
+        return f"L2 norm {norm:.3g}, expected 1 (embeddings must be normalised)"
+    return ""
+
+
+def probe_backend(instance: EmbeddingBackend, what: str) -> None:
+    """Embed one text and one synthetic crop; raise AdapterMismatch naming the tower whose
+    output is not a finite unit vector. Both towers: an adapter can break either one alone
+    (huge image-tower weights gave NaN image embeddings while text embeddings were fine)."""
+    towers = (
+        ("text", lambda: instance.encode_text([PROBE_TEXT])),
+        ("image", lambda: instance.encode_images([probe_crop()])),
+    )
+    for tower, run in towers:
+        problem = _probe_problem(run(), instance.embed_dim)
+        if problem:
+            raise AdapterMismatch(
+                f"{what} on backend {instance.name!r}: the {tower} tower's probe embedding is "
+                f"invalid ({problem}); refusing it"
+            )
+
+
 def load_backend(
     backend: str, model_spec: str, adapter: Path | None = None, device: str = "cpu"
 ) -> EmbeddingBackend:
     """Build and sanity-check a backend; a model that yields wrong or non-finite embeddings
-    is refused here, before it can reach an index."""
+    on either tower is refused here, before it can reach an index (for every backend,
+    exports included: the probe runs through the backend's own encode_text/encode_images)."""
     instance = backend_module(backend).load(model_spec, adapter, device)
-    probe = instance.encode_text(["a person in a red jacket"])
-    if probe.shape != (1, instance.embed_dim) or not np.isfinite(probe).all():
-        raise AdapterMismatch(
-            f"model {model_spec!r} with adapter {adapter} produced an invalid embedding "
-            f"(shape {probe.shape}, finite={bool(np.isfinite(probe).all())}); refusing it"
-        )
+    what = f"model {model_spec!r} with adapter {adapter}" if adapter else f"model {model_spec!r}"
+    probe_backend(instance, what)
     return instance

@@ -5,6 +5,9 @@ tests bind 127.0.0.1:0 and drive a real server; `serve(config)` is what
 `fedretrieve node serve` runs. Shutdown order matters: stop accepting calls and let
 in-flight ones finish (grace period), then stop the workers, save the index and
 checkpoint the catalog.
+
+Imports of `.node` (and so faiss) happen inside the functions: `serve` sets logging up
+first, so faiss's loader chatter is filtered before faiss is ever imported.
 """
 
 from __future__ import annotations
@@ -15,17 +18,20 @@ import signal
 import threading
 import time
 from concurrent import futures
+from typing import TYPE_CHECKING
 
 import grpc
 
 from common.errors import ConfigError
-from common.rpc.auth import BearerTokenAuth, server_credentials
+from common.rpc.auth import RpcGuard, server_credentials
 from common.rpc.server import add_health_and_reflection, bind
 from edge_node.config import NodeConfig
 from protos import node_pb2_grpc
 
-from .node import BackendFactory, Node
 from .service import SERVICE_NAME, NodeServicer, query_id_var
+
+if TYPE_CHECKING:
+    from .node import BackendFactory, Node
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +43,23 @@ def create_server(
 ) -> tuple[grpc.Server, int, Node]:
     """Open (or take) the node, start its workers and metrics, and bind a gRPC server with
     NodeService, health and reflection. The caller starts the server."""
+    from .node import Node
+
     node = node or Node.open(config, backend_factory)
     token = config.auth.resolved_token()
-    # reflection needs the token too: see common/rpc/auth.py for the open-method policy
-    interceptors = [BearerTokenAuth((token,))] if token else []
+    metrics = node.metrics
+    # One interceptor, token or not: it also turns undecodable request bytes into
+    # INVALID_ARGUMENT. Reflection needs the token too (common/rpc/auth.py says why).
+    guard = RpcGuard(
+        (token,) if token else (),
+        on_refused=lambda _method, reason: metrics.auth_refused.labels(reason).inc(),
+    )
     max_bytes = config.limits.max_message_mb * 1024 * 1024
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=config.limits.grpc_workers, thread_name_prefix=f"{config.node_id}-rpc"
         ),
-        interceptors=interceptors,
+        interceptors=[guard],
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
@@ -67,6 +80,16 @@ def create_server(
         raise
     if config.metrics_listen:
         node.metrics.serve(config.metrics_listen)
+    if not config.auth.has_credentials:
+        log.warning(
+            "node %s is running WITHOUT authentication on %s: anyone who can connect may "
+            "search, ingest and fetch thumbnails of its raw images; set [auth] token-file "
+            "(or tls-client-ca for mTLS)%s",
+            config.node_id, config.listen,
+            " (allow-unauthenticated = true)" if config.auth.allow_unauthenticated else "",
+        )  # fmt: skip
+    elif not token:
+        log.info("node %s: callers authenticate by client certificate (mTLS)", config.node_id)
     node.start()
     return server, port, node
 
@@ -117,12 +140,26 @@ def configure_logging(config: NodeConfig) -> None:
     formatter = KeyValueFormatter(config.node_id, config.log_format == "json")
     for handler in root.handlers:
         handler.setFormatter(formatter)
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # CPU-feature probing chatter
+    # faiss's loader logs each CPU-specific build it tries (AVX-512, AVX2, generic), with a
+    # ModuleNotFoundError for each one not installed: eight INFO lines an operator cannot
+    # act on. `serve` logs the one that matters (which build loaded) after importing it.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
+def _faiss_build() -> str:
+    """ "faiss 1.8.0 (avx2 build)": the one loader fact worth a line."""
+    import sys
+
+    import faiss
+
+    builds = [m.rpartition("_")[2] for m in sys.modules if m.startswith("faiss.swigfaiss_")]
+    return f"faiss {getattr(faiss, '__version__', '?')} ({(builds or ['generic'])[0]} build)"
 
 
 def serve(config: NodeConfig) -> int:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
-    configure_logging(config)
+    configure_logging(config)  # before faiss is imported (below, or by create_server)
+    log.info("%s", _faiss_build())
     if config.torch_threads:
         import torch
 

@@ -53,6 +53,16 @@ class Thumbnail:
     file_name: str
 
 
+@dataclass(frozen=True)
+class EmbeddedImage:
+    """One of the node's own crops as a query vector (find similar): the image stays here."""
+
+    vector: np.ndarray  # (embed_dim,) float32, unit length
+    model_version: str
+    camera_id: str
+    timestamp_ms: int
+
+
 @dataclass
 class ReindexState:
     running: bool = False

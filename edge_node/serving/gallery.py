@@ -25,6 +25,7 @@ import re
 import sqlite3
 import threading
 import time
+import unicodedata
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,15 +34,37 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.errors import InvalidQuery, NotFound
+from common.errors import InvalidQuery, NotFound, name_some, short_repr
 from edge_node.config import Limits
 
 log = logging.getLogger(__name__)
 
 FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
-CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-MAX_CAPTIONS = 16
-MAX_CAPTION_CHARS = 1024
+CAMERA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch; length: [limits]
+# Unicode categories never allowed in a printable file name: controls (terminal escape
+# sequences start with one), format characters (bidi overrides that reorder what a
+# terminal shows), surrogates, private use, unassigned, line and paragraph separators.
+_UNPRINTABLE = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
+_PORTABLE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def file_name_problem(name: str, limits: Limits) -> str | None:
+    """Why `name` is not an acceptable ImageItem.file_name, or None ("" is fine: the
+    gallery then names the image after its content hash)."""
+    if len(name) > limits.max_file_name_chars:
+        limit = limits.max_file_name_chars
+        return f"file_name has {len(name):,} characters (max-file-name-chars {limit})"
+    if limits.file_name_charset == "portable":
+        bad = [c for c in name if c not in _PORTABLE]
+    else:
+        bad = [c for c in name if c in "/\\" or unicodedata.category(c) in _UNPRINTABLE]
+    if bad:
+        return (
+            f"file_name {short_repr(name)} has characters outside file-name-charset "
+            f"{limits.file_name_charset!r}: {name_some(sorted(set(bad)), limit=3)}"
+        )
+    return None
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -105,12 +128,22 @@ class Rejected(Exception):
 
 def check_image(item: IngestItem, limits: Limits) -> tuple[str, int, int]:
     """Validate one offered image; return (format, width, height) or raise Rejected."""
-    if not CAMERA_ID.match(item.camera_id or ""):
-        raise Rejected(f"camera id {item.camera_id!r} must be 1-64 of [A-Za-z0-9_.-]")
+    cam_limit = limits.max_camera_id_chars
+    if not (len(item.camera_id) <= cam_limit and CAMERA_ID.fullmatch(item.camera_id or "")):
+        raise Rejected(
+            f"camera id {short_repr(item.camera_id)} must be 1-{cam_limit} of [A-Za-z0-9_.-]"
+        )
+    problem = file_name_problem(item.file_name, limits)
+    if problem:
+        raise Rejected(problem)
     if item.timestamp_ms < 0:
         raise Rejected(f"timestamp_ms {item.timestamp_ms} is negative")
-    if len(item.captions) > MAX_CAPTIONS or any(len(c) > MAX_CAPTION_CHARS for c in item.captions):
-        raise Rejected(f"at most {MAX_CAPTIONS} captions of {MAX_CAPTION_CHARS} characters")
+    if len(item.captions) > limits.max_captions or any(
+        len(c) > limits.max_caption_chars for c in item.captions
+    ):
+        raise Rejected(
+            f"at most {limits.max_captions} captions of {limits.max_caption_chars} characters"
+        )
     if not item.data:
         raise Rejected("empty file")
     if len(item.data) > limits.max_image_bytes:
@@ -138,6 +171,14 @@ def check_image(item: IngestItem, limits: Limits) -> tuple[str, int, int]:
     if width < 1 or height < 1:
         raise Rejected(f"degenerate size {width}x{height}")
     return fmt, width, height
+
+
+def _stored(text: str, max_chars: int) -> str:
+    """`text` cut to `max_chars`, unprintable characters escaped (for the rejections log)."""
+    return "".join(
+        c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in _UNPRINTABLE else c
+        for c in text[:max_chars]
+    )
 
 
 @functools.cache
@@ -326,10 +367,13 @@ class Gallery:
         return new
 
     def _reject_row(self, file_name: str, camera_id: str, reason: str) -> None:
+        # A rejected image's strings are the caller's: kept bounded and on one line (the
+        # RPC edge refuses over-long ones before this; the drop folder's come from a disk)
         self._db.execute(
             "INSERT INTO rejections (at_ms, file_name, camera_id, reason) VALUES (?,?,?,?)",
-            (int(time.time() * 1000), file_name, camera_id, reason),
-        )
+            (int(time.time() * 1000), _stored(file_name, self.limits.max_file_name_chars),
+             _stored(camera_id, self.limits.max_camera_id_chars), _stored(reason, 512)),
+        )  # fmt: skip
 
     def record_rejection(self, file_name: str, camera_id: str, reason: str) -> None:
         """Count a file rejected before it reached `ingest` (the drop folder uses this)."""
@@ -382,8 +426,8 @@ class Gallery:
         unknown = sorted(set(camera_ids) - set(self._camera_codes))
         if unknown:
             raise InvalidQuery(
-                f"unknown camera id(s) {', '.join(unknown)}; this node has "
-                f"{', '.join(self.cameras()) or 'no cameras yet'}"
+                f"unknown camera id(s) {name_some(unknown, plain=True)}; this node has "
+                f"{name_some(self.cameras(), limit=10, plain=True) or 'no cameras yet'}"
             )
         if since_ms < 0 or until_ms < 0 or (since_ms and until_ms and since_ms > until_ms):
             raise InvalidQuery(f"bad time range since_ms={since_ms} until_ms={until_ms}")

@@ -11,7 +11,10 @@ testable without a model. The rule:
 
 The newest candidate wins: highest manifest `round`, then latest manifest mtime, then name.
 An adapter is identified by (path, adapter fingerprint), so replacing one in place with new
-weights counts as new. A candidate the node refused is not retried until it changes.
+weights counts as new. A candidate the node refused is not retried until one of its files
+changes (name, size or mtime: `common.adapters.files_stamp`), so a directory completed in
+place after a first, failed look (a `cp -r` that wrote the manifest before the weights) is
+picked up without a restart. Status `backend_note` names the refused adapter and why.
 
 `AdapterSwap` holds the decisions and bookkeeping of a swap (one at a time, refused
 candidates, progress); replacing the active generation itself is `Node.switch_adapter`.
@@ -23,7 +26,13 @@ import dataclasses
 import logging
 import threading
 
-from common.adapters import AdapterCandidate, latest_adapter, read_candidate
+from common.adapters import (
+    AdapterCandidate,
+    FilesStamp,
+    files_stamp,
+    latest_adapter,
+    read_candidate,
+)
 from common.errors import FedRetrieveError
 from edge_node.config import IndexSettings
 
@@ -83,29 +92,40 @@ class ReindexProgress:
 
 
 class AdapterSwap:
-    """One hot swap at a time (hold `lock`); refused candidates are remembered."""
+    """One hot swap at a time (hold `lock`); refused candidates are remembered with the state
+    of their files, and tried again once those change."""
 
     def __init__(self, factory: BackendFactory, settings: IndexSettings) -> None:
         self.lock = threading.Lock()
         self.progress = ReindexProgress()
         self._factory = factory
         self._settings = settings
-        self._refused: set[tuple[str, str]] = set()  # read and written with `lock` held
+        # candidate key -> its files when it was refused; read and written with `lock` held
+        self._refused: dict[tuple[str, str], FilesStamp] = {}
 
     def wanted(self, candidate: AdapterCandidate | None, current: AdapterCandidate | None) -> bool:
-        """Whether to swap to `candidate`: it exists, is not active, was not refused."""
+        """Whether to swap to `candidate`: it exists, is not active, and was not refused as
+        it is now (a refused one whose files changed since is tried again)."""
         if candidate is None or (current is not None and candidate.key == current.key):
             return False
-        return candidate.key not in self._refused
+        refused = self._refused.get(candidate.key)
+        if refused is None:
+            return True
+        if refused == files_stamp(candidate.path):
+            return False
+        del self._refused[candidate.key]
+        log.info("adapter %s changed since it was refused; trying it again", candidate.path)
+        return True
 
     def prepare(self, candidate: AdapterCandidate) -> Generation | None:
         """A new generation (empty index) for `candidate`; None when its model is refused,
         which is logged, remembered and shown in Status."""
+        stamp = files_stamp(candidate.path)  # before loading: a change during it means retry
         try:
             backend = self._factory(candidate.path)
         except FedRetrieveError as err:
-            self._refused.add(candidate.key)
-            self.progress.refused(f"{candidate.path.name}: {err}")
+            self._refused[candidate.key] = stamp
+            self.progress.refused(f"{candidate.path} (tried again when its files change): {err}")
             log.error("adapter %s refused: %s", candidate.path, err)
             return None
         index = VectorIndex(backend.embed_dim, self._settings, backend.version)

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +29,16 @@ class NodeMetrics:
     def __init__(self, node_id: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)  # the standard process_* and python_info metrics
+        PlatformCollector(registry=r)
         self.requests = Counter(
             "fedretrieve_node_requests", "RPCs handled", ["method", "code"], registry=r
+        )
+        self.auth_refused = Counter(
+            "fedretrieve_node_auth_refused",
+            "Calls refused for a missing or wrong bearer token",
+            ["reason"],
+            registry=r,
         )
         self.latency = Histogram(
             "fedretrieve_node_request_seconds",

@@ -19,13 +19,14 @@ from common.errors import FedRetrieveError, InvalidQuery
 from edge_node.accel.backend import load_backend
 from edge_node.config import NodeConfig
 
-from .domain import NodeStatus, SearchHit, SearchQuery, SearchResult, Thumbnail
+from .domain import EmbeddedImage, NodeStatus, SearchHit, SearchQuery, SearchResult, Thumbnail
 from .dropfolder import DropFolder
 from .gallery import Gallery, IngestItem, IngestOutcome
 from .generation import BackendFactory, Generation
 from .hotswap import AdapterCandidate, AdapterSwap, latest_adapter
 from .index_store import IndexStore
 from .metrics import NodeMetrics
+from .validation import check_ingest, check_search
 from .workers import Embedder, Workers
 
 __all__ = ["BackendFactory", "Generation", "Node"]
@@ -95,14 +96,7 @@ class Node:
     def search(self, q: SearchQuery) -> SearchResult:
         t0 = time.perf_counter()
         gen = self._active  # read once: this query uses exactly this (model, index) pair
-        limits = self.config.limits
-        if not 1 <= q.k <= limits.max_k:
-            raise InvalidQuery(f"k={q.k} must be between 1 and max-k {limits.max_k}")
-        if len(q.text) > limits.max_query_chars:
-            raise InvalidQuery(
-                f"query text has {len(q.text)} characters; "
-                f"max-query-chars is {limits.max_query_chars}"
-            )
+        check_search(q, self.config.limits)  # strings, lists, k: before any work
         allowed = self.gallery.select_ids(q.camera_ids, q.since_ms, q.until_ms)
         text = q.text.strip()
         if q.vector is not None and q.vector_version == gen.version:
@@ -134,6 +128,7 @@ class Node:
         )
 
     def ingest(self, items: list[IngestItem]) -> list[IngestOutcome]:
+        check_ingest(items, self.config.limits)  # refused whole before anything is stored
         outcomes = self.gallery.ingest(items)
         accepted = sum(1 for o in outcomes if o.accepted and o.reason != "duplicate")
         self.metrics.ingested.inc(accepted)
@@ -153,6 +148,16 @@ class Node:
         img.save(buf, format="JPEG", quality=85)
         return Thumbnail(
             buf.getvalue(), img.width, img.height, rec.camera_id, rec.timestamp_ms, rec.file_name
+        )
+
+    def embed_image(self, image_id: int) -> EmbeddedImage:
+        """One gallery crop embedded by the active generation, for a find-similar query:
+        the vector leaves the node, the image does not."""
+        rec = self.gallery.get(image_id)  # NotFound for an unknown id
+        gen = self._active  # read once: a swap may replace it meanwhile
+        vector = gen.backend.encode_images([self.gallery.load_image(image_id)])[0]
+        return EmbeddedImage(
+            np.asarray(vector, dtype=np.float32), gen.version, rec.camera_id, rec.timestamp_ms
         )
 
     def status(self) -> NodeStatus:
@@ -288,12 +293,23 @@ class Node:
 
 
 def _check_vector(values: np.ndarray, gen: Generation) -> np.ndarray:
+    """The query vector scaled to unit length, or InvalidQuery.
+
+    Checked after normalising, in float64: a finite float32 vector with huge components
+    (3e38) overflows float32 on the way (its squared norm is inf), and the index would
+    score every image 0.0; one with tiny components would underflow to zero.
+    """
     vector = np.asarray(values, dtype=np.float32).reshape(-1)
     if vector.shape[0] != gen.backend.embed_dim:
         raise InvalidQuery(
             f"query vector has {vector.shape[0]} values; model {gen.version!r} embeds in "
             f"{gen.backend.embed_dim} dimensions"
         )
-    if not np.isfinite(vector).all() or not np.any(vector):
+    wide = vector.astype(np.float64)
+    norm = float(np.linalg.norm(wide)) if np.isfinite(wide).all() else float("nan")
+    if not (np.isfinite(norm) and norm > 0):
         raise InvalidQuery("query vector must be finite and non-zero")
-    return vector
+    unit = (wide / norm).astype(np.float32)
+    if not (np.isfinite(unit).all() and abs(float(np.linalg.norm(unit)) - 1.0) < 1e-3):
+        raise InvalidQuery("query vector cannot be normalised to unit length")
+    return unit

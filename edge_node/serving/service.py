@@ -14,16 +14,20 @@ import contextlib
 import contextvars
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 
 from common.rpc.errors import translate_errors
+from common.rpc.query_id import query_id_for_log
 from protos import node_pb2, node_pb2_grpc, retrieval_pb2
 
 from .domain import SearchQuery, SearchResult
 from .gallery import IngestItem
-from .node import Node
+
+if TYPE_CHECKING:  # importing .node loads faiss: the daemon sets its logging up first
+    from .node import Node
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +39,10 @@ SERVICE_NAME = node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
 
 @contextlib.contextmanager
 def _query_id_scope(request) -> Iterator[None]:
-    """Carry the request's query id into every log line the call writes."""
-    token = query_id_var.set(getattr(request, "query_id", "") or "-")
+    """Carry the request's query id into every log line the call writes; an invalid one
+    (newlines, spaces, too long: `common.rpc.query_id`) is logged as "invalid", and the
+    request refused by `Node.search`."""
+    token = query_id_var.set(query_id_for_log(getattr(request, "query_id", "")))
     try:
         yield
     finally:
@@ -145,6 +151,17 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             camera_id=thumb.camera_id,
             timestamp_ms=thumb.timestamp_ms,
             file_name=thumb.file_name,
+        )
+
+    @rpc
+    def EmbedImage(self, request, context):
+        embedded = self.node.embed_image(request.image_id)
+        return node_pb2.EmbedImageResponse(
+            vector=retrieval_pb2.QueryVector(
+                values=embedded.vector.tolist(), model_version=embedded.model_version
+            ),
+            camera_id=embedded.camera_id,
+            timestamp_ms=embedded.timestamp_ms,
         )
 
     @rpc

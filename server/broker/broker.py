@@ -18,6 +18,7 @@ global model; the steps themselves live in the modules named above.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -25,6 +26,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import grpc
+
+from common.errors import FedRetrieveError, NotFound, Unavailable, status_code_for
 from protos import broker_pb2, node_pb2, retrieval_pb2
 from server.broker import merge
 from server.broker.config import BrokerConfig
@@ -35,13 +39,16 @@ from server.broker.coverage import (
     require_full,
     skipped_outcome,
 )
-from server.broker.fanout import NodeCall, collect, fan_out
+from server.broker.fanout import AdaptiveWait, NodeCall, collect, fan_out
 from server.broker.metrics import BrokerMetrics
 from server.broker.registry import NodeRegistry
 from server.broker.routing import route_cameras
+from server.broker.topk import hits_per_node
 from server.broker.validation import (
     MAX_THUMBNAIL_SIDE,
+    ValidSearch,
     check_search,
+    check_similar,
     check_thumbnail,
     select_targets,
 )
@@ -81,6 +88,28 @@ def logfmt(event: str, **fields: object) -> str:
     return " ".join(parts)
 
 
+def _counted_query(search: Callable[..., Any]) -> Callable[..., Any]:
+    """Count a Search that fails in `queries_total{outcome=<gRPC status>}` (answered ones are
+    counted as "ok" in `_finish`). Only Search: thumbnails and Status are not queries."""
+
+    @functools.wraps(search)
+    def counted(self: Broker, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return search(self, *args, **kwargs)
+        except FedRetrieveError as err:
+            self.metrics.observe_query_error(status_code_for(err).name)
+            raise
+        except grpc.RpcError as err:
+            code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+            self.metrics.observe_query_error(code.name)
+            raise
+        except Exception:
+            self.metrics.observe_query_error(grpc.StatusCode.INTERNAL.name)
+            raise
+
+    return counted
+
+
 class Broker:
     """The broker's logic; `BrokerServicer` adapts it to gRPC. Thread-safe."""
 
@@ -102,6 +131,17 @@ class Broker:
         self._closers: list[Callable[[], None]] = []
         self._closers_lock = threading.Lock()  # add_closer (daemon) vs close (any thread)
         self.metrics_port: int | None = None  # set by the daemon when metrics are served
+        registry.watch_health(  # the gauge follows the periodic checks, not Status calls
+            lambda node_id, healthy: self.metrics.node_healthy.labels(node_id).set(
+                1.0 if healthy else 0.0
+            )
+        )
+        tail = config.tail
+        self._adaptive = AdaptiveWait(
+            min_share=tail.adaptive_min_coverage,
+            factor=tail.adaptive_wait_factor,
+            max_extra_s=tail.adaptive_max_extra_ms / 1000.0,
+        )
 
     def add_closer(self, close: Callable[[], None]) -> None:
         """Something to release with the broker (the daemon's metrics server)."""
@@ -139,17 +179,68 @@ class Broker:
         return retrieval_pb2.QueryVector(values=values, model_version=version)
 
     # ------------------------------------------------------------------ search
+    @_counted_query
     def search(
         self,
         request: broker_pb2.BrokerSearchRequest,
         *,
         query_id: str | None = None,
         caller_remaining_s: float | None = None,
+        vector: retrieval_pb2.QueryVector | None = None,
     ) -> broker_pb2.BrokerSearchResponse:
         """Answer one operator query (see the module docstring for the steps)."""
         started = self._clock()
-        query_id = query_id or new_query_id()
         valid = check_search(request, self.config)
+        if vector is None or vector.model_version != self.model_version or not self.model_version:
+            vector = self.embed(valid.text)  # (an upper tier's vector is used when it fits)
+        return self._answer(
+            valid, request, vector, query_id or new_query_id(), caller_remaining_s, started
+        )
+
+    @_counted_query
+    def search_similar(
+        self,
+        request: broker_pb2.SearchSimilarRequest,
+        *,
+        query_id: str | None = None,
+        caller_remaining_s: float | None = None,
+    ) -> broker_pb2.BrokerSearchResponse:
+        """Find similar: the node holding the image embeds it (NodeService.EmbedImage; the
+        image never leaves it) and that vector is fanned out like a text query's. Nodes on
+        another model version cannot compare it and report failed, by name."""
+        started = self._clock()
+        valid = check_similar(request, self.config, self.registry.ids)
+        budget_s = min(valid.budget_s, caller_remaining_s or valid.budget_s)
+        owner = self.registry.get(request.node_id)
+        query_id = query_id or new_query_id()
+        try:
+            embedded = owner.stub.EmbedImage(
+                node_pb2.EmbedImageRequest(image_id=request.image_id),
+                timeout=max(0.001, budget_s / 2),
+                metadata=owner.metadata(query_id),
+            )
+        except grpc.RpcError as err:
+            code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+            details = err.details() if isinstance(err, grpc.Call) else str(err)
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(f"node {request.node_id}: {details}") from err
+            raise Unavailable(
+                f"node {request.node_id} could not embed image {request.image_id}: "
+                f"{code.name} {details}"
+            ) from err
+        spent = self._clock() - started
+        return self._answer(valid, request, embedded.vector, query_id, budget_s - spent, started)
+
+    def _answer(
+        self,
+        valid: ValidSearch,
+        request: broker_pb2.BrokerSearchRequest | broker_pb2.SearchSimilarRequest,
+        vector: retrieval_pb2.QueryVector | None,
+        query_id: str,
+        caller_remaining_s: float | None,
+        started: float,
+    ) -> broker_pb2.BrokerSearchResponse:
+        """Steps 3-5 of the module docstring for a validated query and its vector."""
         targets = select_targets(self.registry, request.node_ids)
         budget_s = valid.budget_s
         if caller_remaining_s is not None:
@@ -161,27 +252,37 @@ class Broker:
             {n.id: self.registry.snapshot(n.id).cameras for n in targets},
             list(request.filters.camera_ids),
         )
-        vector = self.embed(valid.text)
         node_request = node_pb2.SearchRequest(
             text=valid.text, k=valid.k, filters=request.filters, query_id=query_id
         )
         if vector is not None:
             node_request.vector.CopyFrom(vector)
-        calls = fan_out(
-            [(node, route.send[node.id]) for node in targets if node.id in route.send],
+        asked = [node for node in targets if node.id in route.send]
+        per_node_k = hits_per_node(
+            valid.k,
+            [self.registry.snapshot(n.id).gallery_size for n in asked],
+            self.config.tail.topk_probability,
+        )
+        fan = fan_out(
+            [(n, route.send[n.id], k) for n, k in zip(asked, per_node_k, strict=True)],
             node_request,
             query_id,
             send_until=deadline - margin_s,
             wait_until=deadline - margin_s / 2,
             clock=self._clock,
+            adaptive=self._adaptive,
+            started=started,
         )
+        calls = fan.calls
 
         outcomes, answers = [], {}
         for node in targets:
             if node.id not in calls:
                 outcomes.append(skipped_outcome(node.id, self.registry.snapshot(node.id)))
                 continue
-            outcome, answer = collect(calls[node.id], self.registry, self._clock)
+            outcome, answer = collect(
+                calls[node.id], self.registry, self._clock, adaptive_cut=fan.cut_at is not None
+            )
             outcomes.append(outcome)
             if answer is not None:
                 answers[node.id] = answer
@@ -189,8 +290,10 @@ class Broker:
                 outcome.node_id, outcome.state, outcome.grpc_status, outcome.took_ms
             )
         response = self._respond(outcomes, answers, valid.k, query_id)
+        if fan.cut_at is not None:
+            response.coverage.degraded.append("adaptive_timeout")
         response.took_ms = (self._clock() - started) * 1000.0
-        self._finish(request, response, outcomes)
+        self._finish(valid.k, request.require_full_coverage, response, outcomes)
         return response
 
     def _respond(
@@ -210,7 +313,8 @@ class Broker:
 
     def _finish(
         self,
-        request: broker_pb2.BrokerSearchRequest,
+        k: int,
+        require_full_coverage: bool,
         response: broker_pb2.BrokerSearchResponse,
         outcomes: list[broker_pb2.NodeOutcome],
     ) -> None:
@@ -220,7 +324,7 @@ class Broker:
             logfmt(
                 "search",
                 query_id=response.query_id,
-                k=request.k,
+                k=k,
                 nodes=cov.nodes_total,
                 answered=cov.nodes_answered,
                 timed_out=cov.nodes_timed_out,
@@ -231,7 +335,7 @@ class Broker:
                 took_ms=response.took_ms,
             )
         )
-        if request.require_full_coverage:
+        if require_full_coverage:
             require_full(cov, outcomes, response.query_id)
         self.metrics.observe_query(
             response.merge,
@@ -246,10 +350,16 @@ class Broker:
         self, request: broker_pb2.BrokerThumbnailRequest
     ) -> retrieval_pb2.ThumbnailResponse:
         """Proxy one thumbnail from its node; grpc.RpcError from the node propagates."""
-        check_thumbnail(request, self.registry.ids)
-        node = self.registry.get(request.node_id)
+        node_id, _, site = request.node_id.partition("/")  # "region/site" through a tier
+        direct = broker_pb2.BrokerThumbnailRequest()
+        direct.CopyFrom(request)
+        direct.node_id = node_id
+        check_thumbnail(direct, self.registry.ids)
+        node = self.registry.get(node_id)
         return node.stub.GetThumbnail(
-            node_pb2.ThumbnailRequest(image_id=request.image_id, max_side=request.max_side),
+            node_pb2.ThumbnailRequest(
+                image_id=request.image_id, max_side=request.max_side, node_id=site
+            ),
             timeout=self.config.default_deadline_ms / 1000.0,
             metadata=node.metadata(),
         )
@@ -259,7 +369,6 @@ class Broker:
         now = time.monotonic()
         for node_id in self.registry.ids:
             s = self.registry.snapshot(node_id)
-            self.metrics.node_healthy.labels(node_id).set(1 if s.healthy else 0)
             response.nodes.add(
                 node_id=node_id,
                 address=self.registry.get(node_id).entry.address,
@@ -298,10 +407,11 @@ def _merge_into(
 
 def _hits_of(node_id: str, answer: node_pb2.SearchResponse):
     """A node's hits keyed by the broker's id for it, stamped with the version that scored them."""
+    tier = len(answer.lower_tier) > 0  # a regional broker: keep the site under it
     for hit in answer.hits:
         out = retrieval_pb2.Hit()
         out.CopyFrom(hit)
-        out.node_id = node_id
+        out.node_id = f"{node_id}/{hit.node_id}" if tier else node_id
         if not out.model_version:
             out.model_version = answer.model_version
         yield out

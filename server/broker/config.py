@@ -60,6 +60,41 @@ class NodeEntry:
 
 
 @dataclass(frozen=True)
+class TailSettings:
+    """`[tail]`: keeping the slowest nodes from setting every query's latency at scale.
+
+    `adaptive-min-coverage` (share of the nodes asked, 0 = off): once it has answered, wait
+    at most `adaptive-wait-factor` x the time taken so far (capped at
+    `adaptive-max-extra-ms`) for the rest, then answer with the others named in coverage
+    (`degraded: adaptive_timeout`). `topk-probability` (0 = off): ask each node for fewer
+    than k hits, chosen so the merged top-k is exact with this probability if the true
+    top-k is spread over nodes by gallery size (server/broker/topk.py says when not to)."""
+
+    adaptive_min_coverage: float = 0.0
+    adaptive_wait_factor: float = 0.5
+    adaptive_max_extra_ms: int = 50
+    topk_probability: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.adaptive_min_coverage <= 1.0:
+            raise ConfigError(
+                f"tail: `adaptive-min-coverage` must be in [0, 1], got {self.adaptive_min_coverage}"
+            )
+        if self.adaptive_wait_factor < 0:
+            raise ConfigError(
+                f"tail: `adaptive-wait-factor` must be >= 0, got {self.adaptive_wait_factor}"
+            )
+        if self.adaptive_max_extra_ms < 0:
+            raise ConfigError(
+                f"tail: `adaptive-max-extra-ms` must be >= 0, got {self.adaptive_max_extra_ms}"
+            )
+        if not 0.0 <= self.topk_probability < 1.0:
+            raise ConfigError(
+                f"tail: `topk-probability` must be in [0, 1), got {self.topk_probability}"
+            )
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     """Everything `fedretrieve broker serve` needs; validated before a port is bound."""
 
@@ -75,6 +110,9 @@ class BrokerConfig:
     default_k: int = 20
     max_k: int = 100  # keep <= the nodes' [limits] max-k, or large k fail there
     max_text_chars: int = 512  # keep <= the nodes' [limits] max-query-chars
+    max_node_ids: int = 256  # node ids in one Search's `node_ids`
+    max_camera_ids: int = 256  # camera ids in one Search filter; keep <= nodes' max-camera-ids
+    max_id_chars: int = 64  # length of each node or camera id in a request
     default_deadline_ms: int = 2000
     max_deadline_ms: int = 30000
     merge_margin_ms: int = 20  # kept back from every node call for merging and replying
@@ -84,6 +122,7 @@ class BrokerConfig:
     keepalive_timeout_ms: int = 5000
     retry_max_attempts: int = 3  # retries happen on UNAVAILABLE only, inside the deadline
     workers: int = 16  # threads serving operator calls
+    tail: TailSettings = TailSettings()  # adaptive wait and fewer hits per node (off)
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -109,6 +148,9 @@ class BrokerConfig:
             "default_k",
             "max_k",
             "max_text_chars",
+            "max_node_ids",
+            "max_camera_ids",
+            "max_id_chars",
             "default_deadline_ms",
             "max_deadline_ms",
             "health_interval_s",
@@ -167,6 +209,12 @@ def _prepare_node(table: Any, base: Path, index: int) -> Any:
     where = f"nodes[{index}]"
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table ([[nodes]])")
+    unknown = sorted(set(table) - {"id", "address", "token", "token_file", "tls"})
+    if unknown:
+        names = ", ".join(kebab(k) for k in unknown)
+        raise ConfigError(
+            f"{where}: unknown key(s) {names}; allowed: id, address, token, token-file, tls"
+        )
     path = resolve_path(table.pop("token_file", ""), base, f"{where}.token-file")
     if path is not None:
         if "token" in table:

@@ -2,7 +2,9 @@
 
 The block is Elasticsearch's `_shards` plus Vespa's `coverage`: counts per outcome, the
 vectors searched out of those known to exist, a `full` flag and degraded reasons. No node
-is ever dropped silently: each selected node has one `NodeOutcome`, and the two ways a
+is ever dropped silently: each selected node has one `NodeOutcome` (a regional broker's
+answer stands for the sites under it, one `region/site` outcome each: server/broker/tier.py),
+and the two ways a
 query fails for want of coverage (no node answered; `require_full_coverage` not met) say
 which node did what.
 """
@@ -31,25 +33,39 @@ def coverage_of(
     outcomes: list[broker_pb2.NodeOutcome], answers: dict[str, node_pb2.SearchResponse]
 ) -> broker_pb2.Coverage:
     """The coverage block (Elasticsearch `_shards` + Vespa `coverage`)."""
-    cov = broker_pb2.Coverage(nodes_total=len(outcomes))
+    cov = broker_pb2.Coverage()
     for o in outcomes:
-        if o.state == "ok":
-            cov.nodes_answered += 1
-            cov.vectors_searched += answers[o.node_id].vectors_searched
-        elif o.state == "skipped":
-            cov.nodes_skipped += 1
-        elif o.state == "timed_out":
-            cov.nodes_timed_out += 1
-        else:
-            cov.nodes_failed += 1
+        answer = answers.get(o.node_id) if o.state == "ok" else None
+        if answer is not None:
+            cov.vectors_searched += answer.vectors_searched
         cov.vectors_total += o.gallery_size
+        if answer is not None and answer.lower_tier:  # a region: count the sites under it
+            for site in answer.lower_tier:
+                rolled = cov.nodes.add()
+                rolled.CopyFrom(site)
+                rolled.node_id = f"{o.node_id}/{site.node_id}"
+                _count(cov, rolled.state)
+            continue
+        cov.nodes.add().CopyFrom(o)
+        _count(cov, o.state)
+    cov.nodes_total = len(cov.nodes)
     cov.full = cov.nodes_answered + cov.nodes_skipped == cov.nodes_total
     if cov.nodes_timed_out:
         cov.degraded.append("timeout")
     if cov.nodes_failed:
         cov.degraded.append("node_failure")
-    cov.nodes.extend(outcomes)
     return cov
+
+
+def _count(cov: broker_pb2.Coverage, state: str) -> None:
+    if state == "ok":
+        cov.nodes_answered += 1
+    elif state == "skipped":
+        cov.nodes_skipped += 1
+    elif state == "timed_out":
+        cov.nodes_timed_out += 1
+    else:
+        cov.nodes_failed += 1
 
 
 def require_an_answer(

@@ -10,7 +10,6 @@ as INTERNAL without a stack trace. Auth, health and reflection are `common.rpc`'
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import threading
 from concurrent import futures
@@ -19,8 +18,9 @@ from typing import Any
 import grpc
 
 from common.errors import ConfigError
-from common.rpc.auth import REFLECTION_PREFIX, BearerTokenAuth, server_credentials
+from common.rpc.auth import REFLECTION_PREFIX, RpcGuard, server_credentials
 from common.rpc.errors import translate_errors
+from common.rpc.query_id import is_valid_query_id
 from common.rpc.server import add_health_and_reflection, bind
 from protos import broker_pb2, broker_pb2_grpc
 from server.broker.broker import Broker, TextEncoder, logfmt, new_query_id
@@ -35,12 +35,6 @@ BROKER_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_na
 # Callable without an operator token besides health: grpcurl's `list`/`describe` (the
 # open-method policy is in common/rpc/auth.py).
 OPEN_METHOD_PREFIXES = (REFLECTION_PREFIX,)
-QUERY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-def _count_error(servicer: BrokerServicer, _method: str, code: grpc.StatusCode, _s: float) -> None:
-    if code != grpc.StatusCode.OK:  # answered queries are counted by the broker itself
-        servicer.broker.metrics.observe_error(code.name)
 
 
 def _node_status(err: grpc.RpcError, request: Any) -> tuple[grpc.StatusCode, str]:
@@ -54,7 +48,18 @@ def _node_status(err: grpc.RpcError, request: Any) -> tuple[grpc.StatusCode, str
 
 
 # The project's one error mapping (common.rpc.errors), with the broker's hooks.
-_translated = translate_errors("broker", on_outcome=_count_error, map_rpc_error=_node_status)
+_translated = translate_errors("broker", map_rpc_error=_node_status)
+
+
+def _call_scope(context: grpc.ServicerContext) -> tuple[str, float | None]:
+    """The query id (an operator-chosen `x-query-id`, carried to the nodes' logs, when it
+    is valid by the nodes' rule too) and the caller's own remaining deadline, if any."""
+    query_id = new_query_id()
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-query-id" and is_valid_query_id(value):
+            query_id = value
+    remaining = context.time_remaining()
+    return query_id, None if remaining is None or remaining > 1e8 else remaining
 
 
 class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
@@ -65,13 +70,13 @@ class BrokerServicer(broker_pb2_grpc.BrokerServiceServicer):
 
     @_translated
     def Search(self, request, context):
-        query_id = new_query_id()
-        for key, value in context.invocation_metadata() or ():
-            if key == "x-query-id" and QUERY_ID_RE.match(value):
-                query_id = value  # an operator-chosen id, carried to the nodes' logs
-        remaining = context.time_remaining()
-        caller_remaining = None if remaining is None or remaining > 1e8 else remaining
-        return self.broker.search(request, query_id=query_id, caller_remaining_s=caller_remaining)
+        query_id, remaining = _call_scope(context)
+        return self.broker.search(request, query_id=query_id, caller_remaining_s=remaining)
+
+    @_translated
+    def SearchSimilar(self, request, context):
+        query_id, remaining = _call_scope(context)
+        return self.broker.search_similar(request, query_id=query_id, caller_remaining_s=remaining)
 
     @_translated
     def GetThumbnail(self, request, context):
@@ -115,16 +120,17 @@ def create_server(
         watcher.start()
         broker.add_closer(watcher.close)
 
-    interceptors: list[grpc.ServerInterceptor] = []
-    if config.operator_tokens:
-        interceptors.append(
-            BearerTokenAuth(
-                config.operator_tokens, open_prefixes=OPEN_METHOD_PREFIXES, token_name="operator"
-            )
-        )
+    # One interceptor, tokens or not (allow-unauthenticated): it also turns undecodable
+    # request bytes into INVALID_ARGUMENT, and counts refused operators.
+    guard = RpcGuard(
+        config.operator_tokens,
+        open_prefixes=OPEN_METHOD_PREFIXES,
+        token_name="operator",
+        on_refused=lambda _method, reason: metrics.auth_refused.labels(reason).inc(),
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="broker"),
-        interceptors=interceptors,
+        interceptors=[guard],
         options=server_options(config),
     )
     broker_pb2_grpc.add_BrokerServiceServicer_to_server(BrokerServicer(broker), server)

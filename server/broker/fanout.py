@@ -4,10 +4,17 @@ Every call is started before any is waited on (gRPC futures), each with a timeou
 time left until `send_until`; the broker then waits until `wait_until` and cancels the
 stragglers, so a slow node costs the query at most its deadline, never more. What happened
 to each call becomes one `NodeOutcome` (ok, timed_out or failed, with the gRPC status).
+
+With many nodes the deadline alone lets the slowest node set every query's latency (Dean
+and Barroso, "The Tail at Scale"). `AdaptiveWait` is Vespa's answer
+(`coverage/minimum` with `min/max-wait-after-coverage-factor`): once a minimum share of
+the nodes has answered, wait only a bounded extra time for the rest, then answer with
+coverage naming who was left out (degraded reason `adaptive_timeout`).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,22 +36,55 @@ class NodeCall:
     started: float
 
 
+@dataclass(frozen=True)
+class AdaptiveWait:
+    """When to stop waiting for stragglers once enough nodes have answered.
+
+    After `min_share` of the nodes asked have answered, at elapsed time t since the query
+    started, the broker waits at most `min(max_extra_s, factor * t)` more: a straggler may
+    cost a fraction of what the fast nodes took, never the whole deadline. `min_share` 0
+    turns it off (wait for every node until the deadline)."""
+
+    min_share: float = 0.0
+    factor: float = 0.5
+    max_extra_s: float = 0.05
+
+    @property
+    def enabled(self) -> bool:
+        return self.min_share > 0.0
+
+    def cut_off(self, answered: int, total: int, started: float, now: float, until: float) -> float:
+        """The time to stop waiting, given `answered` of `total` nodes have answered."""
+        if not self.enabled or total == 0 or answered < math.ceil(self.min_share * total):
+            return until
+        return min(until, now + min(self.max_extra_s, self.factor * max(0.0, now - started)))
+
+
+@dataclass(frozen=True)
+class FanOut:
+    calls: dict[str, NodeCall]
+    cut_at: float | None  # when the adaptive wait stopped waiting, None if it did not
+
+
 def fan_out(
-    sends: Sequence[tuple[NodeClient, list[str]]],
+    sends: Sequence[tuple[NodeClient, list[str], int]],
     request: node_pb2.SearchRequest,
     query_id: str,
     *,
     send_until: float,
     wait_until: float,
     clock: Clock,
-) -> dict[str, NodeCall]:
-    """Send `request` to each (node, its cameras), in order; wait; cancel what is late."""
+    adaptive: AdaptiveWait | None = None,
+    started: float | None = None,
+) -> FanOut:
+    """Send `request` to each (node, its cameras, hits to ask it for), in order; wait;
+    cancel what is late."""
     calls = {
-        node.id: send(node, request, cameras, query_id, send_until, clock)
-        for node, cameras in sends
+        node.id: send(node, request, cameras, query_id, send_until, clock, k=k)
+        for node, cameras, k in sends
     }
-    wait(list(calls.values()), wait_until, clock)
-    return calls
+    cut_at = wait(list(calls.values()), wait_until, clock, adaptive=adaptive, started=started)
+    return FanOut(calls, cut_at)
 
 
 def send(
@@ -54,37 +94,73 @@ def send(
     query_id: str,
     until: float,
     clock: Clock,
+    *,
+    k: int | None = None,
 ) -> NodeCall:
     now = clock()
     timeout = until - now
     if timeout <= 0:
         return NodeCall(node, None, now)
-    if list(request.filters.camera_ids) != camera_ids:  # only this node's own cameras
+    own_cameras = list(request.filters.camera_ids) != camera_ids
+    own_k = k is not None and k != request.k
+    if own_cameras or own_k:  # only this node's own cameras; fewer hits at scale
         own = node_pb2.SearchRequest()
         own.CopyFrom(request)
-        del own.filters.camera_ids[:]
-        own.filters.camera_ids.extend(camera_ids)
+        if own_cameras:
+            del own.filters.camera_ids[:]
+            own.filters.camera_ids.extend(camera_ids)
+        if own_k:
+            own.k = k
         request = own
     future = node.stub.Search.future(request, timeout=timeout, metadata=node.metadata(query_id))
     return NodeCall(node, future, now)
 
 
-def wait(calls: list[NodeCall], until: float, clock: Clock) -> None:
-    """Block until every call finished or `until`; then cancel the stragglers."""
+def wait(
+    calls: list[NodeCall],
+    until: float,
+    clock: Clock,
+    *,
+    adaptive: AdaptiveWait | None = None,
+    started: float | None = None,
+) -> float | None:
+    """Block until every call finished or `until` (brought forward by `adaptive` once
+    enough nodes answered); then cancel the stragglers. Returns the adaptive cut-off
+    time when it ended the wait early with calls still pending, else None."""
     pending = [c.future for c in calls if c.future is not None]
+    total = len(calls)  # nodes not sent to count against the share too
     done = threading.Semaphore(0)
+    answered = [0]
+    answered_lock = threading.Lock()
+
+    def on_done(future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            with answered_lock:
+                answered[0] += 1
+        done.release()
+
     for future in pending:
-        future.add_done_callback(lambda _f: done.release())
-    for _ in pending:
-        if not done.acquire(timeout=max(0.0, until - clock())):
+        future.add_done_callback(on_done)
+    policy = adaptive or AdaptiveWait()
+    begun = clock() if started is None else started
+    stop_at = until
+    finished = 0
+    while finished < len(pending):
+        with answered_lock:
+            count = answered[0]
+        stop_at = policy.cut_off(count, total, begun, clock(), stop_at)
+        if not done.acquire(timeout=max(0.0, stop_at - clock())):
             break
+        finished += 1
+    cut = policy.enabled and stop_at < until and finished < len(pending)
     for future in pending:
         if not future.done():
             future.cancel()
+    return stop_at if cut else None
 
 
 def collect(
-    call: NodeCall, registry: NodeRegistry, clock: Clock
+    call: NodeCall, registry: NodeRegistry, clock: Clock, *, adaptive_cut: bool = False
 ) -> tuple[broker_pb2.NodeOutcome, node_pb2.SearchResponse | None]:
     """The outcome of a finished (or cancelled) call, and the node's answer if it gave one.
 
@@ -111,7 +187,11 @@ def collect(
         return outcome, None
     if answer is None:  # cancelled by us in `wait`
         outcome.state, outcome.grpc_status = "timed_out", "DEADLINE_EXCEEDED"
-        outcome.message = "no answer before the query deadline; call cancelled"
+        outcome.message = (
+            "left out by the adaptive wait: enough nodes had answered; call cancelled"
+            if adaptive_cut
+            else "no answer before the query deadline; call cancelled"
+        )
         outcome.took_ms = (clock() - call.started) * 1000.0
         return outcome, None
     outcome.state = "ok"

@@ -1,11 +1,20 @@
 """Prometheus metrics of one broker, in its own CollectorRegistry (no process globals).
 
 Served on a separate port by `server.broker.daemon`; tests read the registry directly.
+Besides the broker's own numbers the registry carries the standard process metrics
+(`process_*`: CPU, memory, open files; `python_info`), as the default registry would.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -16,6 +25,8 @@ class BrokerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.query_seconds = Histogram(
             "fedretrieve_broker_query_seconds",
             "Time from receiving a Search to answering it",
@@ -24,7 +35,10 @@ class BrokerMetrics:
             registry=r,
         )
         self.queries = Counter(
-            "fedretrieve_broker_queries", "Search calls by outcome", ["outcome"], registry=r
+            "fedretrieve_broker_queries",
+            "Search calls by outcome: ok, or the gRPC status they failed with",
+            ["outcome"],
+            registry=r,
         )
         self.node_seconds = Histogram(
             "fedretrieve_broker_node_seconds",
@@ -57,9 +71,15 @@ class BrokerMetrics:
             ["reason"],
             registry=r,
         )
+        self.auth_refused = Counter(
+            "fedretrieve_broker_auth_refused",
+            "Operator calls refused for a missing or wrong bearer token",
+            ["reason"],
+            registry=r,
+        )
         self.node_healthy = Gauge(
             "fedretrieve_broker_node_healthy",
-            "1 when the last health check passed",
+            "1 when the last periodic health check of the node passed, else 0",
             ["node"],
             registry=r,
         )
@@ -80,5 +100,6 @@ class BrokerMetrics:
         for reason in degraded:
             self.degraded.labels(reason).inc()
 
-    def observe_error(self, code: str) -> None:
+    def observe_query_error(self, code: str) -> None:
+        """A Search that failed with gRPC status `code` (counted by `Broker.search`)."""
         self.queries.labels(code).inc()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.adapters import latest_adapter
+from common.adapters import FilesStamp, files_stamp, latest_adapter
 from common.errors import FedRetrieveError
 from server.broker.config import BrokerConfig
 
@@ -45,7 +45,9 @@ class ModelWatcher:
         self._on_model = on_model
         self._load = load
         self._current: tuple[str, str] | None = None
-        self._refused: set[tuple[str, str]] = set()
+        # refused adapters and their files then: retried once the files change (an adapter
+        # directory completed in place after a first, half-copied look)
+        self._refused: dict[tuple[str, str], FilesStamp] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -65,13 +67,15 @@ class ModelWatcher:
         if self.config.model is None:
             return False
         choice = latest_adapter(self.config.adapter)
-        if choice is None or choice.key == self._current or choice.key in self._refused:
+        if choice is None or choice.key == self._current:
+            return False
+        if self._refused.get(choice.key) == files_stamp(choice.path):
             return False
         try:
             model = self._load(self.config.model, choice.path)
         except FedRetrieveError as err:
             log.error("global adapter %s refused, keeping the current model: %s", choice.path, err)
-            self._refused.add(choice.key)
+            self._refused[choice.key] = files_stamp(choice.path)
             return False
         self._on_model(model)
         self._current = choice.key

@@ -4,7 +4,9 @@ A channel per node is opened once and kept (HTTP/2 connection reuse, keepalive p
 retries happen inside gRPC, only on UNAVAILABLE, through the channel's service config,
 and always within the caller's deadline. A background thread checks every node with the
 standard `grpc.health.v1` service and asks `NodeService.Status` for its gallery size and
-model version. Health is advisory: the broker still sends every query to every selected
+model version; every finished check is also reported to the health listener (the broker's
+`fedretrieve_broker_node_healthy` gauge), so the metric follows the checks, not whoever
+asks for Status. Health is advisory: the broker still sends every query to every selected
 node, so a node that comes back is used at once and a wrongly-unhealthy one is not lost.
 """
 
@@ -15,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -31,20 +33,16 @@ NODE_SERVICE = "fedretrieve.v1.NodeService"
 
 def channel_options(config: BrokerConfig) -> list[tuple[str, object]]:
     """Options for a broker -> node channel: keepalive, fast reconnect, UNAVAILABLE retries."""
-    service_config = {
-        "methodConfig": [
-            {
-                "name": [{"service": NODE_SERVICE}],
-                "retryPolicy": {
-                    "maxAttempts": config.retry_max_attempts,
-                    "initialBackoff": "0.02s",
-                    "maxBackoff": "0.2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
+    method: dict[str, object] = {"name": [{"service": NODE_SERVICE}]}
+    if config.retry_max_attempts > 1:  # gRPC refuses a retry policy of one attempt
+        method["retryPolicy"] = {
+            "maxAttempts": config.retry_max_attempts,
+            "initialBackoff": "0.02s",
+            "maxBackoff": "0.2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    service_config = {"methodConfig": [method]}
     return [
         ("grpc.enable_retries", 1 if config.retry_max_attempts > 1 else 0),
         ("grpc.service_config", json.dumps(service_config)),
@@ -122,6 +120,14 @@ class NodeRegistry:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._on_health: Callable[[str, bool], None] | None = None
+
+    def watch_health(self, listener: Callable[[str, bool], None]) -> None:
+        """Call `listener(node_id, healthy)` after every health check of every node (and
+        once now, for each node's current state: unknown counts as unhealthy)."""
+        self._on_health = listener
+        for node_id in self.ids:
+            listener(node_id, self.snapshot(node_id).healthy)
 
     # ------------------------------------------------------------------ lookup
     @property
@@ -204,6 +210,9 @@ class NodeRegistry:
             log.info(
                 "node_health node=%s healthy=%s state=%s %s", node.id, serving, state_name, error
             )
+        listener = self._on_health
+        if listener is not None:
+            listener(node.id, serving)
 
     def start(self) -> None:
         """Start the periodic health checks (first round right away, in the background)."""

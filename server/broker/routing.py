@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from common.errors import InvalidQuery
+from common.errors import InvalidQuery, name_some
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def route_cameras(
     unknown = sorted(set(camera_ids) - seen)
     if all_known and unknown:
         raise InvalidQuery(
-            f"unknown camera id(s) {unknown}: no selected node holds them; "
-            f"cameras there: {sorted(seen) or 'none yet'}"
+            f"unknown camera id(s) {name_some(unknown)}: no selected node holds them; "
+            f"cameras there: {name_some(sorted(seen), limit=10) if seen else 'none yet'}"
         )
     return Route(send, skipped)

@@ -1,5 +1,11 @@
 """What the broker refuses before it calls any node: every check names the field and the limit.
 
+Every string and list of a request is bounded here (`max-text-chars`, `max-node-ids`,
+`max-camera-ids`, `max-id-chars`), and a message that names caller input names at most
+the first few values and their count (`common.errors.name_some`): 5,000 unknown ids must
+not become a 320 KB message (over gRPC's metadata limit: RESOURCE_EXHAUSTED, not the
+INVALID_ARGUMENT meant).
+
 Pure functions of the request, the config and the registry's node ids, so a refusal costs
 no node call and each rule can be tested without a server.
 """
@@ -9,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from common.errors import InvalidQuery, NotFound
+from common.errors import InvalidQuery, NotFound, name_some, short_repr
 from protos import broker_pb2
 from server.broker.config import BrokerConfig
 from server.broker.registry import NodeClient, NodeRegistry
@@ -33,6 +39,27 @@ def check_search(request: broker_pb2.BrokerSearchRequest, cfg: BrokerConfig) -> 
         raise InvalidQuery("`text` is empty: describe the person to look for")
     if len(text) > cfg.max_text_chars:
         raise InvalidQuery(f"`text` has {len(text)} characters; the limit is {cfg.max_text_chars}")
+    return ValidSearch(text, *_check_scope(request, cfg))
+
+
+def check_similar(
+    request: broker_pb2.SearchSimilarRequest, cfg: BrokerConfig, registered: Sequence[str]
+) -> ValidSearch:
+    """A find-similar query: the image's node must be registered; the rest as for Search."""
+    if request.node_id not in registered:
+        raise NotFound(
+            f"unknown node id {short_repr(request.node_id)} for the image; registered: "
+            f"{name_some(registered, limit=10)}"
+        )
+    if request.image_id <= 0:
+        raise InvalidQuery(f"`image_id` must be positive, got {request.image_id}")
+    return ValidSearch("", *_check_scope(request, cfg))
+
+
+def _check_scope(
+    request: broker_pb2.BrokerSearchRequest | broker_pb2.SearchSimilarRequest, cfg: BrokerConfig
+) -> tuple[int, float]:
+    """(k, deadline in s) after checking k, deadline, time range, node and camera ids."""
     if not 1 <= request.k <= cfg.max_k:
         raise InvalidQuery(f"`k` must be between 1 and {cfg.max_k}, got {request.k}")
     deadline_ms = request.deadline_ms or cfg.default_deadline_ms
@@ -53,9 +80,23 @@ def check_search(request: broker_pb2.BrokerSearchRequest, cfg: BrokerConfig) -> 
         raise InvalidQuery(
             f"time range: since ({time_range.since_ms}) is after until ({time_range.until_ms})"
         )
-    if any(not cam.strip() for cam in request.filters.camera_ids):
+    _check_ids(request.node_ids, "node_ids", cfg.max_node_ids, "max-node-ids", cfg)
+    cameras = request.filters.camera_ids
+    _check_ids(cameras, "filters.camera_ids", cfg.max_camera_ids, "max-camera-ids", cfg)
+    if any(not cam.strip() for cam in cameras):
         raise InvalidQuery("`filters.camera_ids` holds an empty camera id")
-    return ValidSearch(text, request.k, deadline_ms / 1000.0)
+    return request.k, deadline_ms / 1000.0
+
+
+def _check_ids(ids: Sequence[str], field: str, most: int, key: str, cfg: BrokerConfig) -> None:
+    if len(ids) > most:
+        raise InvalidQuery(f"`{field}` has {len(ids):,} ids; the limit is {most} ({key})")
+    long = [i for i in ids if len(i) > cfg.max_id_chars]
+    if long:
+        raise InvalidQuery(
+            f"`{field}`: {len(long):,} ids longer than {cfg.max_id_chars} characters "
+            f"(max-id-chars): {name_some(long, limit=3)}"
+        )
 
 
 def select_targets(registry: NodeRegistry, node_ids: Sequence[str]) -> list[NodeClient]:
@@ -64,13 +105,19 @@ def select_targets(registry: NodeRegistry, node_ids: Sequence[str]) -> list[Node
         return registry.select(node_ids)
     except KeyError as err:
         unknown = err.args[0]
-        raise InvalidQuery(f"unknown node id(s) {unknown}; registered: {registry.ids}") from err
+        raise InvalidQuery(
+            f"unknown node id(s) {name_some(unknown)}; registered: "
+            f"{name_some(registry.ids, limit=10)}"
+        ) from err
 
 
 def check_thumbnail(request: broker_pb2.BrokerThumbnailRequest, registered: list[str]) -> None:
     """Raises NotFound for an unknown node, InvalidQuery for a bad image id or size."""
     if request.node_id not in registered:
-        raise NotFound(f"unknown node id {request.node_id!r}; registered: {registered}")
+        raise NotFound(
+            f"unknown node id {short_repr(request.node_id)}; registered: "
+            f"{name_some(registered, limit=10)}"
+        )
     if request.image_id <= 0:
         raise InvalidQuery(f"`image_id` must be positive, got {request.image_id}")
     if not 0 <= request.max_side <= MAX_THUMBNAIL_SIDE:

@@ -120,16 +120,50 @@ def _token(args: argparse.Namespace) -> str | None:
     return args.token or os.environ.get("FEDRETRIEVE_TOKEN")
 
 
+def check_output(value: str, flag: str, *, create_parent: bool) -> None:
+    """Refuse an output path that cannot be written, before any query is sent.
+
+    A directory is not a file name; a missing parent folder is created only where
+    `create_parent` (--csv keeps doing so); --sheet never creates folders, so a mistyped
+    path is reported instead of leaving new directories behind.
+    """
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{flag} {value}: is a directory; give a file name inside it")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"{flag} {value}: {parent} is not a directory")
+    if not parent.exists():
+        if create_parent:
+            return
+        raise ConfigError(f"{flag} {value}: directory {parent} does not exist (create it first)")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {value}: directory {parent} is not writable")
+
+
+def _write(flag: str, value: str, write) -> object:
+    """Run `write()`, turning a failure to write `value` into one line naming the flag."""
+    try:
+        return write()
+    except OSError as err:
+        raise ConfigError(f"{flag} {value}: cannot write it ({err.strerror or err})") from err
+
+
 def run_query(args: argparse.Namespace) -> int:
     from server.operator.client import BrokerClient
     from server.operator.output import (
         print_json,
         print_table,
+        safe,
         write_contact_sheet,
         write_results_csv,
     )
 
     request = build_request(args)
+    if args.csv:
+        check_output(args.csv, "--csv", create_parent=True)
+    if args.sheet:
+        check_output(args.sheet, "--sheet", create_parent=False)
     tls = (args.tls_ca, args.tls_cert, args.tls_key)
     with BrokerClient(
         args.broker, token=_token(args), tls=tls, connect_timeout=args.connect_timeout
@@ -141,12 +175,14 @@ def run_query(args: argparse.Namespace) -> int:
             print_table(response)
         # notes go to stderr so `--json` output stays machine-readable
         if args.csv:
-            write_results_csv(response, request.text, args.csv)
-            print(f"results file: {args.csv}", file=sys.stderr)
+            _write("--csv", args.csv, lambda: write_results_csv(response, request.text, args.csv))
+            print(f"results file: {safe(args.csv)}", file=sys.stderr)
         if args.sheet:
-            missing = write_contact_sheet(response, client, args.sheet)
+            missing = _write(
+                "--sheet", args.sheet, lambda: write_contact_sheet(response, client, args.sheet)
+            )
             note = (
                 f" ({len(missing)} thumbnails unavailable: {'; '.join(missing)})" if missing else ""
             )
-            print(f"contact sheet: {args.sheet}{note}", file=sys.stderr)
+            print(f"contact sheet: {safe(args.sheet)}{safe(note)}", file=sys.stderr)
     return 0

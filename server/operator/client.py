@@ -19,6 +19,7 @@ from common.errors import (
     Unavailable,
 )
 from protos import broker_pb2, broker_pb2_grpc, retrieval_pb2
+from server.operator.output import safe
 
 ANSWER_SLACK_S = 2.0  # on top of the query deadline: transport and merge
 
@@ -98,6 +99,7 @@ class BrokerClient:
     def _explain(self, err: grpc.RpcError, what: str) -> FedRetrieveError:
         code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
         details = (err.details() if isinstance(err, grpc.Call) else str(err)) or code.name
+        details = safe(details)  # may quote a node's words: never raw to the terminal
         if code == grpc.StatusCode.UNAUTHENTICATED:
             hint = (
                 "give one with --token-file or FEDRETRIEVE_TOKEN"

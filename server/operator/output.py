@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -31,6 +32,27 @@ CSV_COLUMNS = (
 )
 TILE = 128  # contact-sheet thumbnail box, pixels
 COLUMNS = 5
+
+# C0 controls (ESC starts every terminal escape sequence), DEL, C1 controls (CSI 0x9b is a
+# one-byte escape on some terminals), bidirectional overrides and isolates (which reorder
+# what the operator reads) and the Unicode line/paragraph separators.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+
+
+def safe(text: object) -> str:
+    """`text` fit for the operator's terminal: every control character and bidi override
+    shown as a visible escape (`\\x1b`, `\\u202e`) instead of acting on the terminal.
+
+    Everything printed that a node chose (file names, camera ids, node ids, error details)
+    goes through here: a file name must not be able to move the cursor, recolour or retitle
+    the terminal, or forge a line of the table.
+    """
+
+    def escape(match: re.Match[str]) -> str:
+        code = ord(match.group())
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _UNSAFE.sub(escape, str(text))
 
 
 def format_time(timestamp_ms: int) -> str:
@@ -60,7 +82,7 @@ def coverage_line(response: broker_pb2.BrokerSearchResponse) -> str:
         parts.append("degraded: " + ",".join(cov.degraded))
     parts.append(f"{response.took_ms:.0f} ms")
     parts.append(f"query {response.query_id}")
-    return "; ".join(parts)
+    return safe("; ".join(parts))  # node ids, states and messages come from the nodes
 
 
 def print_table(response: broker_pb2.BrokerSearchResponse, out: TextIO | None = None) -> None:
@@ -78,6 +100,7 @@ def print_table(response: broker_pb2.BrokerSearchResponse, out: TextIO | None = 
                 hit.file_name or "-",
             )
         )
+    rows = [tuple(safe(cell) for cell in row) for row in rows]  # names come from the nodes
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     right = {0, 1, 5}
     for row in rows:

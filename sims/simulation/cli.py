@@ -1,18 +1,10 @@
-"""`fedretrieve sim`, `fedretrieve demo` and `fedretrieve bench ...`."""
+"""`fedretrieve sim` and `fedretrieve demo`."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
-
-# bench name -> module exposing register_bench(subparsers); each owns its figures.
-BENCHES = {
-    "embed": "sims.bench.embed",  # torch vs onnxruntime (fp32, int8) embedding throughput
-    "node": "sims.bench.node",  # node search latency and ingest throughput
-    "broker": "sims.bench.broker",  # broker fan-out latency vs a direct node call
-}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,16 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--cache-dir")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=run_sim_command, config=None)
-
-    b = sub.add_parser("bench", help="benchmarks that write JSON figures")
-    benches = b.add_subparsers(dest="bench", metavar="BENCH")
-    for module in BENCHES.values():
-        try:
-            importlib.import_module(module).register_bench(benches)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-    b.set_defaults(func=lambda args: b.print_help() or 2)
 
 
 def run_sim_command(args: argparse.Namespace) -> int:

@@ -55,3 +55,29 @@ def test_broker_swaps_to_a_new_global_adapter(
         broker_pb2.BrokerSearchRequest(text="red coat", k=3), metadata=handle.auth(), timeout=30
     )
     assert response.model_version == v3 and response.coverage.nodes[0].used_vector
+
+
+def test_a_refused_global_adapter_is_retried_once_its_files_change(tmp_path, write_adapter):
+    """A `cp -r` that wrote the manifest first is refused half-copied, then picked up
+    once complete (it used to be remembered as refused until the broker restarted)."""
+    import shutil
+
+    staged = tmp_path / "staged" / "round-1"
+    version = write_adapter(staged, 1, seed=3)
+    target = tmp_path / "global" / "round-1"
+    config = broker_config(
+        {"a": "127.0.0.1:1"}, model="tiny", adapter=str(target.parent), adapter_poll_s=0.0
+    )
+    swapped = []
+    watcher = ModelWatcher(config, on_model=swapped.append)
+    watcher.load_initial()  # nothing there yet: the base model
+    target.mkdir(parents=True)
+    weights = next(p for p in staged.iterdir() if p.suffix == ".safetensors")
+    for item in staged.iterdir():
+        if item != weights:
+            shutil.copy(item, target / item.name)
+    (target / weights.name).write_bytes(weights.read_bytes()[:100])  # half-copied
+    assert not watcher.check() and not swapped  # refused: the weights are truncated
+    assert not watcher.check()  # unchanged files: not tried again
+    shutil.copy(weights, target / weights.name)  # the copy completes in place
+    assert watcher.check() and swapped[-1].version == version

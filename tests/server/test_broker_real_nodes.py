@@ -169,3 +169,54 @@ def test_filters_and_thumbnails_through_real_nodes(real_nodes, tiny_model, start
         "south-cam0",
         "south-cam1",
     ]
+
+
+def test_find_similar_ranks_like_one_union_index_of_images(real_nodes, tiny_model, start_broker):
+    """SearchSimilar: the owner node embeds its crop; the fleet's merged answer equals an
+    offline image-to-image search over the union, the crop itself first."""
+    from common.preprocess import load_image
+
+    handle = start_broker(
+        broker_config({node_id: addr for node_id, (addr, _) in real_nodes.items()}, NODE_TOKEN),
+        encoder=tiny_model,
+    )
+    image_id, item = real_nodes["south"][1][2]
+    response = handle.stub.SearchSimilar(
+        broker_pb2.SearchSimilarRequest(node_id="south", image_id=image_id, k=8),
+        metadata=AUTH,
+        timeout=30,
+    )
+    keys, images = [], []
+    for node_id, (_addr, items) in real_nodes.items():
+        for iid, it in items:
+            keys.append((node_id, iid))
+            images.append(load_image(it.data))
+    vectors = tiny_model.encode_images(images).numpy().astype("float32")
+    query = tiny_model.encode_images([load_image(item.data)]).numpy().astype("float32")
+    order = np.argsort(-(vectors @ query[0]))[:8]
+    assert [(h.node_id, h.image_id) for h in response.hits] == [keys[i] for i in order]
+    assert (response.hits[0].node_id, response.hits[0].image_id) == ("south", image_id)
+    assert response.hits[0].score == pytest.approx(1.0, abs=1e-4)
+    assert response.coverage.full and response.coverage.nodes_answered == 3
+    assert all(o.used_vector for o in response.coverage.nodes)
+
+
+def test_find_similar_names_an_unknown_image_or_node(real_nodes, tiny_model, start_broker):
+    handle = start_broker(
+        broker_config({node_id: addr for node_id, (addr, _) in real_nodes.items()}, NODE_TOKEN),
+        encoder=tiny_model,
+    )
+    for request, words in (
+        (broker_pb2.SearchSimilarRequest(node_id="south", image_id=999, k=5), "node south"),
+        (broker_pb2.SearchSimilarRequest(node_id="nowhere", image_id=1, k=5), "unknown node"),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            handle.stub.SearchSimilar(request, metadata=AUTH, timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and words in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        handle.stub.SearchSimilar(
+            broker_pb2.SearchSimilarRequest(node_id="south", image_id=1, k=0),
+            metadata=AUTH,
+            timeout=30,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "`k`" in err.value.details()

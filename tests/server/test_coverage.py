@@ -150,6 +150,9 @@ class FakeFuture:
             raise self._error
         return self._answer
 
+    def exception(self, timeout=None):
+        return self._error
+
 
 class RefusedError(grpc.RpcError):
     def code(self):

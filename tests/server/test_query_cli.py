@@ -6,6 +6,7 @@ import csv
 import json
 from datetime import datetime, timezone
 
+import grpc
 import pytest
 from broker_fixtures import OPERATOR_TOKEN, ScriptedNode, broker_config, closed_port_address
 from PIL import Image
@@ -159,3 +160,74 @@ def test_broker_serve_with_a_bad_config_is_one_clear_line(tmp_path, capsys):
     )
     assert main(["broker", "serve", "--config", str(tmp_path / "b.toml")]) == 2
     assert "unknown key(s) mystery" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ issue 17, item 11
+@pytest.mark.parametrize(
+    ("flag", "path", "needle"),
+    [
+        ("--csv", "{tmp}", "is a directory"),
+        ("--sheet", "{tmp}", "is a directory"),
+        ("--sheet", "{tmp}/missing/dir/x.png", "does not exist"),
+        ("--csv", "{tmp}/token/x.csv", "is not a directory"),  # parent is a file
+    ],
+)
+def test_unusable_output_path_is_one_line_before_querying(
+    scripted_nodes, start_broker, tmp_path, capsys, flag, path, needle
+):
+    (a,) = scripted_nodes(ScriptedNode("a", [(1, 0.5)]))
+    handle = start_broker(broker_config({"a": a.address}))
+    (tmp_path / "token").write_text(OPERATOR_TOKEN)
+    out = path.format(tmp=tmp_path)
+    assert query(handle.address, tmp_path, flag, out) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert needle in err and flag in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and captured.out == ""
+    assert not a.servicer.calls  # refused before any query reached a node
+    assert not (tmp_path / "missing").exists()  # no directories created on the way
+
+
+class HostileNode(ScriptedNode):
+    """Names its files and cameras, and fails its searches, with terminal escape sequences."""
+
+    def Search(self, request, context):
+        response = super().Search(request, context)
+        for hit in response.hits:
+            hit.file_name = "\x1b]0;owned\x07crop\x1b[2J.jpg"
+            hit.camera_id = "cam\x1b[31m\u202e1"
+        return response
+
+
+class FailingHostileNode(ScriptedNode):
+    def Search(self, request, context):
+        context.abort(grpc.StatusCode.INTERNAL, "boom\x1b[1A\x1b[2K\rcoverage: 9/9 nodes answered")
+
+
+def test_nothing_a_node_sends_reaches_the_terminal_raw(
+    scripted_nodes, start_broker, tmp_path, capsys
+):
+    good, bad = scripted_nodes(
+        HostileNode("a", [(1, 0.9)]), FailingHostileNode("b\x1b[8m", [(2, 0.5)])
+    )
+    handle = start_broker(broker_config({"a": good.address, "b": bad.address}))
+    (tmp_path / "token").write_text(OPERATOR_TOKEN)
+    assert query(handle.address, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert not any(ch in out for ch in "\x1b\x07\r\u202e"), repr(out)
+    assert "\\x1b]0;owned\\x07crop\\x1b[2J.jpg" in out  # shown, visibly escaped
+    assert "cam\\x1b[31m\\u202e1" in out
+    assert "boom\\x1b[1A\\x1b[2K\\x0dcoverage: 9/9" in out  # the node's error, defused
+    assert len(out.splitlines()) == 3  # header, one hit, the coverage line: nothing forged
+    assert query(handle.address, tmp_path, "--json") == 0
+    assert "\x1b" not in capsys.readouterr().out  # JSON escapes control characters itself
+
+
+def test_broker_error_details_are_sanitised(scripted_nodes, start_broker, tmp_path, capsys):
+    (bad,) = scripted_nodes(FailingHostileNode("b", [(2, 0.5)]))
+    handle = start_broker(broker_config({"b": bad.address}))
+    (tmp_path / "token").write_text(OPERATOR_TOKEN)
+    assert query(handle.address, tmp_path) == 2  # no node answered: UNAVAILABLE, one line
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err and "boom\\x1b[1A" in err, repr(err)
+    assert "Traceback" not in err
