@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 OUT    ?= runs/demo
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean browser
 
 setup: $(STAMP)
 
@@ -21,8 +21,20 @@ $(STAMP): pyproject.toml
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m sims.cli demo --out $(OUT)
 
-test: setup
+test: setup browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+
+# The console's browser tests drive Debian's chromium (Playwright's own browser download
+# does not work here); installed only when missing. Without it those tests fail, loudly.
+CHROMIUM ?= /usr/bin/chromium
+
+browser:
+	@test -x $(CHROMIUM) || { \
+	  echo "browser: $(CHROMIUM) is missing; installing Debian's chromium (apt-get)"; \
+	  { apt-get update -q && apt-get install -y -q chromium; } >/dev/null 2>&1 || \
+	  echo "browser: could not install chromium (need root and Debian's package archive):" \
+	       "the console's browser tests (tests/console) will fail; install it by hand:" \
+	       "apt-get install chromium, or set CHROMIUM=/path/to/chromium"; }
 
 BENCH  ?= runs/bench
 

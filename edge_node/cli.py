@@ -30,6 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     register_export(subparsers)
 
+    from edge_node.ingest_cli import register as register_ingest  # `fedretrieve ingest`
+
+    register_ingest(subparsers)
+
 
 def _serve(args: argparse.Namespace) -> int:
     from edge_node.config import load_node_config

@@ -100,7 +100,7 @@ class BrokerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeHealth(_message.Message):
-    __slots__ = ("node_id", "address", "healthy", "state", "last_check_age_s", "last_error", "gallery_size", "model_version", "camera_ids")
+    __slots__ = ("node_id", "address", "healthy", "state", "last_check_age_s", "last_error", "gallery_size", "model_version", "camera_ids", "indexed_size", "adapter_version", "reindex_running", "reindex_done", "reindex_total")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,11 @@ class NodeHealth(_message.Message):
     GALLERY_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CAMERA_IDS_FIELD_NUMBER: _ClassVar[int]
+    INDEXED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REINDEX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    REINDEX_DONE_FIELD_NUMBER: _ClassVar[int]
+    REINDEX_TOTAL_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     healthy: bool
@@ -119,7 +124,12 @@ class NodeHealth(_message.Message):
     gallery_size: int
     model_version: str
     camera_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., state: _Optional[str] = ..., last_check_age_s: _Optional[float] = ..., last_error: _Optional[str] = ..., gallery_size: _Optional[int] = ..., model_version: _Optional[str] = ..., camera_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    indexed_size: int
+    adapter_version: str
+    reindex_running: bool
+    reindex_done: int
+    reindex_total: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., state: _Optional[str] = ..., last_check_age_s: _Optional[float] = ..., last_error: _Optional[str] = ..., gallery_size: _Optional[int] = ..., model_version: _Optional[str] = ..., camera_ids: _Optional[_Iterable[str]] = ..., indexed_size: _Optional[int] = ..., adapter_version: _Optional[str] = ..., reindex_running: _Optional[bool] = ..., reindex_done: _Optional[int] = ..., reindex_total: _Optional[int] = ...) -> None: ...
 
 class BrokerStatusResponse(_message.Message):
     __slots__ = ("nodes", "model_version")

@@ -20,8 +20,10 @@ COMMAND_MODULES = (
     "edge_node.cli",  # node serve, export
     "server.broker.cli",  # broker serve
     "server.operator.cli",  # query
+    "server.console.cli",  # console (the operator's web page)
     "sims.simulation.fl_cli",  # fl simulate (runs ServerApp + ClientApp in one process)
-    "sims.simulation.cli",  # sim, demo, bench
+    "sims.simulation.cli",  # sim, demo
+    "sims.bench.cli",  # bench embed, node, broker, fleet
 )
 
 

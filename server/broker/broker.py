@@ -379,6 +379,11 @@ class Broker:
                 gallery_size=s.gallery_size,
                 model_version=s.model_version,
                 camera_ids=list(s.cameras or ()),
+                indexed_size=s.indexed_size,
+                adapter_version=s.adapter_version,
+                reindex_running=s.reindex[0],
+                reindex_done=s.reindex[1],
+                reindex_total=s.reindex[2],
             )
         return response
 

@@ -85,6 +85,9 @@ class NodeState:
     gallery_size: int = 0
     model_version: str = ""
     cameras: tuple[str, ...] | None = None  # from Status; None: not known yet
+    indexed_size: int = 0  # the rest from Status too, for the operator's fleet view
+    adapter_version: str = ""
+    reindex: tuple[bool, int, int] = (False, 0, 0)  # running, done, total
 
 
 class NodeClient:
@@ -202,6 +205,10 @@ class NodeRegistry:
             if node_status is not None:
                 node.state.gallery_size = int(node_status.gallery_size)
                 node.state.model_version = node_status.model_version
+                node.state.indexed_size = int(node_status.indexed_size)
+                node.state.adapter_version = node_status.adapter_version
+                r = node_status.reindex
+                node.state.reindex = (bool(r.running), int(r.done), int(r.total))
                 cameras = tuple(node_status.camera_ids)
                 # an empty list from a non-empty gallery means "not reported": keep unknown
                 known = bool(cameras) or node_status.gallery_size == 0

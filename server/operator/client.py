@@ -66,14 +66,21 @@ class BrokerClient:
         self._ready = True
 
     def search(self, request: broker_pb2.BrokerSearchRequest) -> broker_pb2.BrokerSearchResponse:
+        return self._query(self.stub.Search, request, "search")
+
+    def search_similar(
+        self, request: broker_pb2.SearchSimilarRequest
+    ) -> broker_pb2.BrokerSearchResponse:
+        """Find similar: the fleet searched with one node's crop (embedded on that node)."""
+        return self._query(self.stub.SearchSimilar, request, "find-similar")
+
+    def _query(self, method, request, what: str) -> broker_pb2.BrokerSearchResponse:
         self._connect()
         budget = (request.deadline_ms / 1000.0) if request.deadline_ms else 30.0
         try:
-            return self.stub.Search(
-                request, timeout=budget + ANSWER_SLACK_S, metadata=self._metadata()
-            )
+            return method(request, timeout=budget + ANSWER_SLACK_S, metadata=self._metadata())
         except grpc.RpcError as err:
-            raise self._explain(err, "search") from None
+            raise self._explain(err, what) from None
 
     def thumbnail(
         self, node_id: str, image_id: int, max_side: int = 160

@@ -165,6 +165,8 @@ def test_filters_and_thumbnails_through_real_nodes(real_nodes, tiny_model, start
     status = handle.stub.Status(broker_pb2.BrokerStatusRequest(), metadata=AUTH, timeout=10)
     assert all(n.healthy and n.model_version == tiny_model.version for n in status.nodes)
     assert sorted(n.gallery_size for n in status.nodes) == [6, 7, 8]
+    assert sorted(n.indexed_size for n in status.nodes) == [6, 7, 8]  # all embedded
+    assert all(not n.reindex_running and n.adapter_version == "" for n in status.nodes)
     assert {n.node_id: list(n.camera_ids) for n in status.nodes}["south"] == [
         "south-cam0",
         "south-cam1",
