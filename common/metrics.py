@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")  # what every report shows, in this order
+
 
 def rank_gallery(sim: np.ndarray) -> np.ndarray:
     """Gallery indices per query, best first; ties keep gallery order."""

@@ -13,9 +13,8 @@ from common.datasets import Record
 from common.evaluate import evaluate
 from common.factory import create_model
 from common.lora import attach_lora
+from common.metrics import METRIC_KEYS
 from common.train import ImageBank, TextFeatureCache, TrainConfig, train
-
-METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 
 
 def fine_tune_and_evaluate(
