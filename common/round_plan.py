@@ -5,6 +5,8 @@ The ServerApp builds a `RoundPlan` from its run config (`FlConfig.round_plan`) a
 `RoundPlan.from_config(record)`, which refuses a missing, unknown or bad key by name. Keys
 are kebab-case, as everywhere in Flower. `server-round` is Flower's own key: its strategies
 overwrite it in the train/evaluate config of every round; the hand-over sets it itself.
+Flower's central-DP wrappers add `clipping_norm` to the train config (their client-side
+clipping mods read it there); it is Flower's, not the plan's, and `from_config` skips it.
 
 Plain dicts in and out: no Flower types here, so `common` stays importable without flwr.
 """
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 WHERE = "round config"
+# Keys Flower's own strategy wrappers add to the round's ConfigRecord (not ours to parse).
+FLOWER_KEYS = ("clipping_norm",)
+DP_MODES = ("off", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive")
 
 ConfigValue = bool | int | float | str
 
@@ -36,6 +41,10 @@ class RoundPlan:
     lora-rank / lora-alpha: 0 means the model config's own values. freeze-a: FFA-LoRA (A
     stays at its seeded init, only B travels); lora-a-digest is the server's hash of that A,
     which the node checks before training. max-steps 0: no cap on local optimiser steps.
+    dp: the run's DP mode; with client-side DP the node clips its change (Flower's clipping
+    mods) and with any DP it reports a uniform weight (`num-examples` = 1), because the
+    noise is calibrated to a plain mean. update-clip-norm > 0: the node scales its change
+    down to this L2 norm before sending (under SecAgg+ the server cannot reject it later).
     """
 
     server_round: int
@@ -54,6 +63,8 @@ class RoundPlan:
     proximal_mu: float
     seed: int
     local_eval: bool
+    dp: str = "off"
+    update_clip_norm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.server_round < 0:
@@ -75,6 +86,12 @@ class RoundPlan:
             )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"`lr` must be a positive number, got {self.lr}")
+        if self.dp not in DP_MODES:
+            raise ConfigError(f"`dp` must be one of {DP_MODES}, got {self.dp!r}")
+        if not (math.isfinite(self.update_clip_norm) and self.update_clip_norm >= 0):
+            raise ConfigError(
+                f"`update-clip-norm` must be a number >= 0, got {self.update_clip_norm}"
+            )
 
     # ------------------------------------------------------------------ the wire
     def to_config(self) -> dict[str, ConfigValue]:
@@ -88,7 +105,7 @@ class RoundPlan:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> RoundPlan:
         """Parse a round's ConfigRecord; a missing, unknown or ill-typed key is a ConfigError."""
-        data = snake_keys(dict(config))
+        data = snake_keys({k: v for k, v in dict(config).items() if k not in FLOWER_KEYS})
         names = [f.name for f in dataclasses.fields(cls)]
         missing = [kebab(name) for name in names if name not in data]
         if missing and set(data) <= set(names):  # unknown keys first: from_dict names them
@@ -105,6 +122,11 @@ class RoundPlan:
             raise ConfigError(f"{WHERE}: {message}") from None
 
     # ------------------------------------------------------------------ what it implies
+    @property
+    def uniform_weights(self) -> bool:
+        """Under DP every node weighs the same: the noise is calibrated to a plain mean."""
+        return self.dp != "off"
+
     @property
     def final(self) -> bool:
         return self.server_round >= self.num_server_rounds

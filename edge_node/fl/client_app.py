@@ -9,19 +9,24 @@ Three handlers:
   to every node; it is written atomically into the node's `adapter-dir`, where the node
   daemon picks it up and hot-swaps it (docs/federated.md).
 
+Every message passes `edge_node.fl.privacy.privacy_mod` first: SecAgg+ masking when the
+server runs secure aggregation, Flower's DP clipping mods when the round plan asks for
+client-side DP (docs/privacy.md).
+
 The node's data comes from `context.node_config` (`flower-supernode --node-config`); no
 image, embedding or caption ever goes into a reply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.round_plan import RoundPlan
+from edge_node.fl.privacy import privacy_mod
 from edge_node.fl.task import NodeFlSettings, TrainerRegistry
 
 ARRAYS, CONFIG, METRICS, NODE = "arrays", "config", "metrics", "node"
@@ -33,11 +38,14 @@ TRAINERS = TrainerRegistry(f"{__name__}:TRAINERS")
 
 
 def build_client_app(
-    overrides: Mapping[str, Any] | None = None, *, trainers: TrainerRegistry = TRAINERS
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    trainers: TrainerRegistry = TRAINERS,
+    mods: Sequence[Callable] = (),
 ) -> ClientApp:
     """A ClientApp with its own trainer in `trainers`; `overrides` stand in for run-config
-    keys in in-process simulations."""
-    app = ClientApp()
+    keys in in-process simulations; `mods` run before `privacy_mod` (outermost first)."""
+    app = ClientApp(mods=[*mods, privacy_mod])
     trainer = trainers.create()  # caches model and images across rounds and messages
     extra = dict(overrides or {})
 

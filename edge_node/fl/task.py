@@ -290,10 +290,17 @@ class NodeTrainer:
         )
         bank, cache = self._bank(settings, data, model), self._cache(model, settings)
         result = train(model, data.train, cfg, reference=reference, text_cache=cache, bank=bank)
+        from edge_node.fl.privacy import guard_update
+
         state = get_adapter_state(model)
-        payload = {k: state[k] for k in global_state}
+        # checked here, before anything leaves: keys, shapes, dtypes, finite, the change
+        # clipped to the plan's bound (what the server cannot check under SecAgg+)
+        payload, change_norm = guard_update(
+            {k: state[k] for k in global_state}, global_state, plan.update_clip_norm
+        )
         metrics = {
-            "num-examples": result.num_examples,
+            # under DP every node weighs the same (the noise is calibrated to a plain mean)
+            "num-examples": 1 if plan.uniform_weights else result.num_examples,
             "train-loss": result.losses[-1],
             "train-seconds": result.seconds,
         }
@@ -301,11 +308,15 @@ class NodeTrainer:
             local = evaluate(model, data.heldout, text_cache=cache, bank=bank)
             metrics.update({"local-r1": local["R1"], "local-map": local["mAP"]})
         log.info(
-            "node %s round %d: %d pairs, loss %.4f, %.1fs",
+            "node %s round %d: %d pairs, loss %.4f, change norm %.4g%s, %.1fs",
             data.name,
             plan.server_round,
             result.num_examples,
             result.losses[-1],
+            change_norm,
+            f" (clipped to {plan.update_clip_norm:g})"
+            if plan.update_clip_norm and change_norm > plan.update_clip_norm
+            else "",
             result.seconds,
         )
         return payload, metrics

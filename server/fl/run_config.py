@@ -22,6 +22,7 @@ from common.round_plan import RoundPlan
 
 STRATEGIES = ("fedavg", "ffa", "robust")
 ROBUST_AGGREGATORS = ("trimmed", "median")
+DP_MODES = ("off", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,29 @@ class FlConfig:
     max-steps: cap on local optimiser steps per round (0: no cap), for quick runs.
     text-cache: a saved `TextFeatureCache` of the base model (captions already encoded by
         the frozen text tower); the server and simulated nodes start from it. Speed only.
+
+    Privacy (docs/privacy.md):
+    secure-aggregation: Flower's SecAgg+ (the server learns only the weighted average of
+        the sampled nodes' updates); needs >= 3 sampled nodes and a strategy that averages
+        (fedavg or ffa: a trimmed mean or a median needs the individual updates).
+    num-shares / reconstruction-threshold: SecAgg+'s key shares per node and how many of
+        them rebuild a dropped node's mask (0: all sampled nodes / about 2/3 of the shares).
+        A round survives as long as every node keeps `reconstruction-threshold` live
+        neighbours; fewer than that many colluding parties learn nothing of one update.
+    secagg-clipping-range / secagg-quantization-range / secagg-modulus-range /
+        secagg-max-weight: SecAgg+'s fixed-point encoding (values clipped to +-range,
+        2**22 levels, sums mod 2**32; a node's `num-examples` weight is capped by max-weight).
+    dp: off | client-fixed | client-adaptive | server-fixed | server-adaptive, Flower's
+        central-DP wrappers; client-* clip on the node before anything leaves it (and so
+        compose with SecAgg+), server-* clip on the server (they need the individual updates).
+    dp-noise-multiplier: z, Gaussian noise of std z * clip / sampled nodes on the average.
+    dp-clip-norm: the L2 bound on each node's change (the initial one when adaptive).
+    dp-delta: the delta epsilon is stated at. dp-target-quantile / dp-clip-lr /
+        dp-clipped-count-stddev: adaptive clipping (0: Flower's default, sampled nodes / 20).
+    dp-amplification: count subsampling (q = fraction-train) as Poisson sampling in the
+        accountant; off by default because Flower samples a fixed number of nodes, and
+        without it epsilon is the (larger) q = 1 figure, valid whatever was sampled.
+    dp-max-epsilon: stop before a round that would take epsilon past it (0: no limit).
     """
 
     num_server_rounds: int = 3
@@ -74,9 +98,26 @@ class FlConfig:
     client_threads: int = 1
     server_threads: int = 0
     text_cache: str = ""
+    secure_aggregation: bool = False
+    num_shares: int = 0
+    reconstruction_threshold: int = 0
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
+    secagg_modulus_range: int = 4294967296
+    secagg_max_weight: float = 1000.0
+    dp: str = "off"
+    dp_noise_multiplier: float = 1.0
+    dp_clip_norm: float = 0.1
+    dp_delta: float = 1e-5
+    dp_target_quantile: float = 0.5
+    dp_clip_lr: float = 0.2
+    dp_clipped_count_stddev: float = 0.0
+    dp_amplification: bool = False
+    dp_max_epsilon: float = 0.0
 
     def __post_init__(self) -> None:
         self.round_plan()  # the keys the nodes get are checked by the contract itself
+        self._check_privacy()
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"`strategy` must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.robust_aggregator not in ROBUST_AGGREGATORS:
@@ -116,6 +157,98 @@ class FlConfig:
         if not self.out_dir.strip():
             raise ConfigError("`out-dir` is empty: the global adapters must go somewhere")
 
+    def _check_privacy(self) -> None:
+        if self.dp not in DP_MODES:
+            raise ConfigError(f"`dp` must be one of {DP_MODES}, got {self.dp!r}")
+        for key in ("dp_noise_multiplier", "dp_clipped_count_stddev", "dp_max_epsilon"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"`{kebab(key)}` must be a number >= 0, got {value}")
+        for key in ("dp_clip_norm", "dp_clip_lr", "secagg_clipping_range", "secagg_max_weight"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"`{kebab(key)}` must be a number > 0, got {value}")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise ConfigError(f"`dp-delta` must be in (0, 1), got {self.dp_delta}")
+        if not 0.0 <= self.dp_target_quantile <= 1.0:
+            raise ConfigError(
+                f"`dp-target-quantile` must be in [0, 1], got {self.dp_target_quantile}"
+            )
+        if self.dp != "off" and self.dp_noise_multiplier == 0:
+            raise ConfigError(
+                f"`dp` = {self.dp!r} with `dp-noise-multiplier` = 0 adds no noise: no epsilon "
+                "could be stated (set a noise multiplier > 0, or `dp` = 'off')"
+            )
+        if self.dp.endswith("-adaptive") and self.dp_noise_multiplier > 0:
+            stddev = self.dp_clipped_count_stddev or self.min_nodes / 20
+            if self.dp_noise_multiplier >= 2 * stddev:
+                raise ConfigError(
+                    f"`dp-noise-multiplier` ({self.dp_noise_multiplier}) must be below twice "
+                    f"`dp-clipped-count-stddev` ({stddev:g}; 0 means min-nodes / 20) for "
+                    "adaptive clipping: raise `dp-clipped-count-stddev`"
+                )
+        if self.dp != "off" and self.strategy == "robust":
+            raise ConfigError(
+                "`dp` needs an averaging strategy (fedavg or ffa): the DP noise is calibrated "
+                "to a mean of clipped updates, not to a trimmed mean or a median"
+            )
+        for key in ("num_shares", "reconstruction_threshold"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"`{kebab(key)}` must be >= 0, got {getattr(self, key)}")
+        if self.secagg_quantization_range < 2:
+            raise ConfigError(
+                f"`secagg-quantization-range` must be >= 2, got {self.secagg_quantization_range}"
+            )
+        mod = self.secagg_modulus_range
+        if mod <= self.secagg_quantization_range or mod > 2**32 or mod & (mod - 1):
+            raise ConfigError(
+                "`secagg-modulus-range` must be a power of 2 above "
+                f"`secagg-quantization-range` and at most 2**32, got {mod}"
+            )
+        if not self.secure_aggregation:
+            return
+        if self.strategy == "robust":
+            raise ConfigError(
+                "`secure-aggregation` needs an averaging strategy (fedavg or ffa): the "
+                "robust aggregators (trimmed mean, median) need the individual updates"
+            )
+        if self.dp.startswith("server-"):
+            raise ConfigError(
+                f"`dp` = {self.dp!r} clips on the server, which needs every update in the "
+                "clear; under `secure-aggregation` use 'client-fixed' or 'client-adaptive'"
+            )
+        if self.min_nodes < 3:
+            raise ConfigError(
+                f"`secure-aggregation` needs `min-nodes` >= 3 (got {self.min_nodes}): with "
+                "two nodes each could subtract its own update from the sum"
+            )
+        shares, threshold = self.secagg_shares()
+        if not 2 <= threshold < shares:
+            raise ConfigError(
+                f"`reconstruction-threshold` ({threshold}) must be >= 2 and below "
+                f"`num-shares` ({shares}): SecAgg+ could not rebuild a dropped node's mask"
+            )
+        if threshold > self.min_nodes:
+            raise ConfigError(
+                f"`reconstruction-threshold` ({threshold}) exceeds `min-nodes` "
+                f"({self.min_nodes}): no round could be unmasked"
+            )
+
+    def secagg_shares(self) -> tuple[int, int]:
+        """(num-shares, reconstruction-threshold) with 0s resolved for min-nodes nodes."""
+        shares = self.num_shares or self.min_nodes
+        threshold = self.reconstruction_threshold or max(2, min(shares - 1, -(-2 * shares // 3)))
+        return shares, threshold
+
+    @property
+    def client_side_clipping(self) -> float:
+        """The L2 bound each node applies to its change before sending (0: the server's gate).
+
+        Under SecAgg+ the server cannot reject an oversized update, so the node clips its
+        own change to `max-update-norm` (the bound the clear-text gate enforces).
+        """
+        return self.max_update_norm if self.secure_aggregation else 0.0
+
     @classmethod
     def from_run_config(
         cls, run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
@@ -148,6 +281,8 @@ class FlConfig:
             proximal_mu=self.proximal_mu,
             seed=self.seed,
             local_eval=self.local_eval,
+            dp=self.dp,
+            update_clip_norm=self.client_side_clipping,
         )
 
     @property

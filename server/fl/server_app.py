@@ -8,6 +8,17 @@ rewritten after every round, so an interrupted run still leaves its figures.
 
 After the last round the final adapter goes to every connected node in an
 `evaluate.handover` message; each node writes it into its daemon's adapter dir.
+
+A run in which no round aggregated (every node failed, every update was rejected, SecAgg+
+never reached its threshold) fails: one ERROR line says why, history.json records it under
+"failed", no `final/` is written and nothing is handed over (the nodes would swap to the
+untrained adapter for nothing). A bad run config fails the same way before any node is
+contacted. Flower marks such a run failed (`flwr ls`); `flwr run --stream` itself exits 0
+whatever the run did (Flower 1.41 does not report the run's status in its exit code).
+
+Privacy (server/fl/privacy.py, docs/privacy.md): `secure-aggregation` runs every train
+round through Flower's SecAgg+ (`SecAggPlusGrid`), `dp` wraps the strategy in Flower's DP
+wrapper, and with DP on every round's log line and history row state epsilon so far.
 """
 
 from __future__ import annotations
@@ -24,7 +35,9 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from common.errors import ConfigError, FedRetrieveError
 from common.round_plan import RoundPlan
+from server.fl.privacy import PrivacyLedger, SecAggPlusGrid, wrap_dp
 from server.fl.run_config import FlConfig
 from server.fl.strategies import NODE_RECORD, RoundStats, UpdateSpec, build_strategy
 
@@ -36,14 +49,26 @@ HISTORY_FILE = "history.json"
 HANDOVER_MESSAGE_TYPE = "evaluate.handover"
 
 
+class FederatedRunFailed(FedRetrieveError):
+    """The run produced nothing to hand over (its one-line reason is the message)."""
+
+
 def build_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
     """A ServerApp; `overrides` replace run-config keys (in-process `run_simulation`)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = FlConfig.from_run_config(context.run_config, overrides)
-        run_server(grid, cfg, run_id=int(context.run_id))
+        try:
+            cfg = FlConfig.from_run_config(context.run_config, overrides)
+        except ConfigError as err:
+            log.error("federated run failed: invalid run config: %s", err)
+            raise
+        try:
+            run_server(grid, cfg, run_id=int(context.run_id))
+        except FederatedRunFailed as err:
+            log.error("federated run failed: %s", err)
+            raise
 
     return app
 
@@ -61,10 +86,20 @@ class RoundRecorder:
     Saves it, evaluates it on the held-out set, and logs the round with its traffic.
     """
 
-    def __init__(self, cfg: FlConfig, peft_model, strategy, out_dir: Path) -> None:
+    def __init__(
+        self,
+        cfg: FlConfig,
+        peft_model,
+        strategy,
+        out_dir: Path,
+        *,
+        ledger: PrivacyLedger | None = None,
+        secagg: SecAggPlusGrid | None = None,
+    ) -> None:
         from common.datasets import load_records
 
         self.cfg, self.model, self.strategy, self.out = cfg, peft_model, strategy, out_dir
+        self.ledger, self.secagg = ledger, secagg
         self.records = []
         source = cfg.eval_source
         if source is not None:
@@ -99,7 +134,18 @@ class RoundRecorder:
             )
             row["adapter"] = str(path)
             row["model_version"] = manifest.model_version
-            row.update(_traffic(self.strategy.rounds.get(server_round)))
+            stats = self.strategy.rounds.get(server_round)
+            if self.secagg is not None and server_round in self.secagg.rounds:
+                secure = self.secagg.rounds[server_round]
+                row["secagg"] = secure.to_dict()
+                if stats is not None:  # what each node uploaded: its masked vector
+                    stats.upload_bytes = dict(secure.masked_bytes)
+            row.update(_traffic(stats))
+            if self.ledger is not None:
+                if stats is not None and stats.aggregated:
+                    self.ledger.release()
+                row["epsilon"] = round(self.ledger.epsilon, 6)
+                row["dp_releases"] = self.ledger.releases
         metrics = self._evaluate()
         if metrics is not None:
             row["global"] = {k: round(float(v), 4) for k, v in metrics.items()}
@@ -122,8 +168,30 @@ class RoundRecorder:
         metrics = evaluate(self.model, self.records, text_cache=self.text_cache, bank=self.bank)
         return MetricRecord({k: float(metrics[k]) for k in ("R1", "R5", "R10", "mAP", "mINP")})
 
+    @property
+    def aggregated_rounds(self) -> int:
+        return sum(1 for r in self.history if r.get("aggregated"))
+
+    def privacy(self) -> dict[str, Any]:
+        """What protected this run: the report's `privacy` entry."""
+        ledger = self.ledger
+        return {
+            "secure_aggregation": self.secagg is not None,
+            "dp": self.cfg.dp,
+            "epsilon": round(ledger.epsilon, 6) if ledger else None,
+            "delta": ledger.delta if ledger else None,
+            "noise_multiplier": ledger.noise_multiplier if ledger else None,
+            "sampling_rate": ledger.sampling_rate if ledger else None,
+            "releases": ledger.releases if ledger else 0,
+        }
+
     def write_history(self, **extra: Any) -> Path:
-        data = {"config": self.cfg.to_dict(), "rounds": self.history, **extra}
+        data = {
+            "config": self.cfg.to_dict(),
+            "rounds": self.history,
+            "privacy": self.privacy(),
+            **extra,
+        }
         path = self.out / HISTORY_FILE
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -142,6 +210,25 @@ def run_server(grid: Grid, cfg: FlConfig, *, run_id: int = 0) -> dict:
         torch.set_num_threads(cfg.server_threads)
     out = Path(cfg.out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    ledger = PrivacyLedger.from_config(cfg)
+    rounds = cfg.num_server_rounds
+    if ledger is not None and cfg.dp_max_epsilon:
+        rounds = _rounds_within(ledger, cfg.dp_max_epsilon, rounds)
+        if rounds == 0:
+            raise FederatedRunFailed(
+                f"one round already spends epsilon {ledger.epsilon_after(1):.3g} > "
+                f"dp-max-epsilon {cfg.dp_max_epsilon}; raise dp-noise-multiplier"
+            )
+        if rounds < cfg.num_server_rounds:
+            log.warning(
+                "dp-max-epsilon %g allows %d of %d rounds (epsilon %.3f at delta %g)",
+                cfg.dp_max_epsilon,
+                rounds,
+                cfg.num_server_rounds,
+                ledger.epsilon_after(rounds),
+                ledger.delta,
+            )
+    cfg = replace(cfg, num_server_rounds=rounds)  # the budget's rounds, for every node
     plan = cfg.round_plan()
     # The base model with a fresh adapter (B = 0: round 0 is the base model itself), built
     # exactly as every node builds its own from the plan, so FFA's frozen A agrees.
@@ -152,7 +239,8 @@ def run_server(grid: Grid, cfg: FlConfig, *, run_id: int = 0) -> dict:
     initial = ArrayRecord(OrderedDict((k, template[k]) for k in keys))
     spec = UpdateSpec.from_arrays(initial)
     strategy = build_strategy(cfg, spec)
-    recorder = RoundRecorder(cfg, peft_model, strategy, out)
+    secure = SecAggPlusGrid(grid, cfg) if cfg.secure_aggregation else None
+    recorder = RoundRecorder(cfg, peft_model, strategy, out, ledger=ledger, secagg=secure)
     base = peft_model.get_base_model()
     log.info(
         "federated run %d: strategy %s, model %s, %d rounds; each node receives and sends "
@@ -165,9 +253,23 @@ def run_server(grid: Grid, cfg: FlConfig, *, run_id: int = 0) -> dict:
         _human(spec.nbytes),
         _human(base.num_parameters() * 4),
     )
+    if secure is not None or ledger is not None:
+        shares, threshold = cfg.secagg_shares()
+        dp = cfg.dp
+        if ledger is not None:
+            budget = ledger.epsilon_after(cfg.num_server_rounds)
+            dp += (
+                f" (z {cfg.dp_noise_multiplier}, clip {cfg.dp_clip_norm}, delta "
+                f"{cfg.dp_delta:g}: epsilon {budget:.3f} after {cfg.num_server_rounds} rounds)"
+            )
+        log.info(
+            "privacy: secure aggregation %s; dp %s",
+            f"SecAgg+ ({shares} shares, threshold {threshold})" if secure else "off",
+            dp,
+        )
     started = time.perf_counter()
-    strategy.start(
-        grid=grid,
+    wrap_dp(cfg, strategy).start(
+        grid=secure or grid,
         initial_arrays=initial,
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
@@ -175,7 +277,12 @@ def run_server(grid: Grid, cfg: FlConfig, *, run_id: int = 0) -> dict:
         evaluate_config=ConfigRecord(plan.to_config()),
         evaluate_fn=recorder,
     )
+    if not recorder.aggregated_rounds:
+        reason = _no_round_reason(recorder.history, cfg)
+        recorder.write_history(failed=reason)
+        raise FederatedRunFailed(reason)
     final = recorder.latest or initial
+    set_final(peft_model, final, cfg)
     manifest = save_adapter(
         peft_model, out / "final", round=cfg.num_server_rounds, extra={"strategy": cfg.strategy}
     )
@@ -192,6 +299,39 @@ def run_server(grid: Grid, cfg: FlConfig, *, run_id: int = 0) -> dict:
     recorder.write_history(**summary)
     log.info("final global adapter: %s (%s)", out / "final", manifest.model_version)
     return {"config": cfg.to_dict(), "rounds": recorder.history, **summary}
+
+
+def set_final(peft_model, arrays: ArrayRecord, cfg: FlConfig) -> None:
+    """Load the last aggregated global adapter into the model `final/` is saved from."""
+    from common.lora import set_adapter_state
+
+    set_adapter_state(
+        peft_model, arrays.to_torch_state_dict(), allow_subset=cfg.freeze_a, where="final"
+    )
+
+
+def _rounds_within(ledger: PrivacyLedger, max_epsilon: float, rounds: int) -> int:
+    """The most rounds (<= `rounds`) whose epsilon stays within `max_epsilon`."""
+    allowed = 0
+    while allowed < rounds and ledger.epsilon_after(allowed + 1) <= max_epsilon:
+        allowed += 1
+    return allowed
+
+
+def _no_round_reason(history: list[dict], cfg: FlConfig) -> str:
+    """One line: why no round produced a new global adapter."""
+    rows = [r for r in history if r.get("round", 0) > 0]
+    failed = sum(len(r.get("failed", {})) for r in rows)
+    rejected = sum(len(r.get("rejected", {})) for r in rows)
+    halted = [r["secagg"]["halted_at"] for r in rows if r.get("secagg", {}).get("halted_at")]
+    sampled = sum(r.get("sampled", 0) for r in rows)
+    what = f"{failed} node failure(s), {rejected} rejected update(s) over {sampled} sampled"
+    if halted:
+        what += f"; secure aggregation halted in {len(halted)} round(s) ({halted[0]} stage)"
+    return (
+        f"no round of {len(rows)} aggregated an update ({what}; min-updates "
+        f"{cfg.min_updates}); nothing written to final/ and nothing handed over"
+    )
 
 
 def hand_over(grid: Grid, cfg: FlConfig, arrays: ArrayRecord, plan: RoundPlan) -> dict[str, str]:
@@ -233,6 +373,7 @@ def _traffic(stats: RoundStats | None) -> dict[str, Any]:
         "rejected": {name(n): r for n, r in stats.rejected.items()},
         "failed": {str(n): r for n, r in stats.failed.items()},
         "aggregated": stats.aggregated,
+        "secure": stats.secure,
         "train_metrics": stats.train_metrics,
         "evaluate_metrics": stats.evaluate_metrics,
     }
@@ -244,9 +385,18 @@ def _log_round(cfg: FlConfig, row: dict) -> None:
     if row["round"] == 0:
         log.info("round 0 (base model + fresh adapter): %s", score)
         return
+    privacy = ""
+    if "epsilon" in row:
+        privacy += f" | epsilon {row['epsilon']:.3f} (delta {cfg.dp_delta:g})"
+    if "secagg" in row:
+        secure = row["secagg"]
+        privacy += (
+            f" | SecAgg+ {secure['survivors']}/{secure['sampled']} in the sum, "
+            f"{secure['seconds']:.1f}s"
+        )
     log.info(
         "round %d/%d: %s | updates %d accepted, %d rejected, %d failed | per node %s down, "
-        "%s up | %.1fs",
+        "%s up | %.1fs%s",
         row["round"],
         cfg.num_server_rounds,
         score,
@@ -256,6 +406,7 @@ def _log_round(cfg: FlConfig, row: dict) -> None:
         _human(row.get("payload_bytes", 0)),
         _human(max(row.get("upload_bytes", {}).values(), default=0)),
         row["seconds"],
+        privacy,
     )
 
 

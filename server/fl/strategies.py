@@ -8,6 +8,12 @@ and a change from the round's global adapter within the norm bound. Anything els
 dropped and logged with the node id; a failed or timed-out node is simply absent. The
 round aggregates as long as `min_updates` valid updates remain.
 
+Under secure aggregation (server/fl/privacy.py) no individual update reaches the server:
+every train reply carries the same unmasked weighted average (marked with a `secagg`
+ConfigRecord). The gate then checks that average instead (keys, shapes, dtypes, finite,
+its change within the norm bound, which the mean of clipped changes always is) and takes it
+as the aggregate; each node has bounded its own change by clipping before masking.
+
 FedIT (`fedavg`) averages A and B separately, which is inexact: mean(B)·mean(A) is not
 mean(B·A). FFA-LoRA (`ffa`) freezes A at the same seeded init on every node and sends only
 B, so the average of B times the shared A is exactly the average of the nodes' B·A.
@@ -38,6 +44,7 @@ log = logging.getLogger("flwr").getChild(__name__)
 
 NUM_EXAMPLES = "num-examples"
 NODE_RECORD = "node"  # ConfigRecord a node may add to its reply: {"node-name": "..."}
+SECAGG_RECORD = "secagg"  # on replies that carry the SecAgg+ aggregate (server/fl/privacy.py)
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,7 @@ class RoundStats:
     failed: dict[int, str] = field(default_factory=dict)  # node id -> error reply reason
     node_names: dict[int, str] = field(default_factory=dict)
     aggregated: bool = False
+    secure: bool = False  # the replies carried SecAgg+'s aggregate, no individual update
     train_metrics: dict[str, float] = field(default_factory=dict)  # weighted over nodes
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
 
@@ -205,6 +213,8 @@ class ValidatedAggregation:
             return None, None
         stats.aggregated = True
         arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        if stats.secure:  # every reply held the same unmasked average: it is the aggregate
+            (arrays,) = accepted[0].content.array_records.values()
         if arrays is not None:  # numpy may widen; the global must keep the adapter's dtypes
             arrays = ArrayRecord(
                 {k: Array(a.numpy().astype(self.spec.dtypes[k])) for k, a in arrays.items()}
@@ -240,6 +250,9 @@ class ValidatedAggregation:
     # ------------------------------------------------------------------ screening
     def screen_replies(self, replies: list[Message], stats: RoundStats) -> list[Message]:
         """The replies that may be aggregated; every other one is logged with its node."""
+        secure = [m for m in replies if not m.has_error() and SECAGG_RECORD in m.content]
+        if secure:
+            return self._screen_aggregate(replies, secure, stats)
         accepted = []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -273,6 +286,46 @@ class ValidatedAggregation:
             stats.accepted.append(node)
         _align_metric_keys(accepted)
         return accepted
+
+    def _screen_aggregate(
+        self, replies: list[Message], secure: list[Message], stats: RoundStats
+    ) -> list[Message]:
+        """SecAgg+ replies: one shared aggregate, checked once; per-node metrics only."""
+        stats.secure = True
+        for msg in replies:
+            if msg.has_error():
+                stats.failed[msg.metadata.src_node_id] = msg.error.reason
+        if len(secure) != len(replies) - len(stats.failed):
+            stats.rejected.update(
+                {m.metadata.src_node_id: "clear update in a secure round" for m in replies
+                 if not m.has_error() and SECAGG_RECORD not in m.content}
+            )  # fmt: skip
+            log.warning("round %d: clear updates in a secure round: none aggregated",
+                        stats.server_round)  # fmt: skip
+            return []
+        first = secure[0].content.array_records.get("arrays")
+        try:
+            if first is None or any(
+                m.content.array_records.get("arrays") is not first for m in secure
+            ):
+                raise AdapterMismatch("the secure replies do not share one aggregate")
+            for msg in secure:
+                if not _positive((_only_metric_record(msg.content) or {}).get(NUM_EXAMPLES)):
+                    raise AdapterMismatch("a secure reply has no positive `num-examples`")
+            check_update(first, self.spec, self._global, max_norm=self.max_update_norm)
+        except AdapterMismatch as err:
+            for msg in secure:
+                stats.rejected[msg.metadata.src_node_id] = f"aggregate: {err}"
+            log.warning("round %d: rejected the secure aggregate: %s", stats.server_round, err)
+            return []
+        for msg in secure:
+            node = msg.metadata.src_node_id
+            name = _node_name(msg.content)
+            if name:
+                stats.node_names[node] = name
+            stats.accepted.append(node)
+        _align_metric_keys(secure)
+        return secure
 
     def _screen(self, content: RecordDict, stats: RoundStats, node: int) -> dict[str, np.ndarray]:
         if len(content.array_records) != 1:

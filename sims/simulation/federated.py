@@ -33,6 +33,7 @@ class FederatedResult:
     model_parameters: int
     wall_seconds: float
     handover: dict[str, str]
+    privacy: dict  # {"secure_aggregation", "dp", "epsilon", "delta", ...} (history.json)
 
     def metric(self, key: str = "R1") -> list[float]:
         """Server-side held-out metric after each round (index 0: before training)."""
@@ -53,6 +54,8 @@ class FederatedResult:
         if not path.is_file():
             raise Unavailable(f"the federated run left no {path}; see the log above")
         data = json.loads(path.read_text())
+        if data.get("failed"):
+            raise Unavailable(f"the federated run failed: {data['failed']}")
         if "final" not in data:
             done = len(data.get("rounds", [])) - 1
             raise Unavailable(
@@ -67,7 +70,12 @@ class FederatedResult:
             model_parameters=int(data["model_parameters"]),
             wall_seconds=float(data["wall_seconds"]),
             handover=dict(data.get("handover", {})),
+            privacy=dict(data.get("privacy") or {}),
         )
+
+    def epsilon(self) -> list[float | None]:
+        """Epsilon so far after each round (None for round 0 or without DP)."""
+        return [r.get("epsilon") for r in self.rounds]
 
 
 def run_federated(
@@ -81,6 +89,7 @@ def run_federated(
     options: Mapping[str, Any] | None = None,
     cpus: int | None = None,
     verbose: bool = False,
+    client_mods: tuple = (),
 ) -> FederatedResult:
     """Run `rounds` federated rounds over `nodes` virtual nodes of `data_dir`.
 
@@ -89,7 +98,8 @@ def run_federated(
     further run-config keys in kebab-case (`local-epochs`, `lr`, `max-steps`,
     `proximal-mu`, `eval-data`, ...; see server/fl/run_config.py).
     FLWR_HOME is set to OUT/.flwr unless already set, so nothing lands in the home dir;
-    Ray's worker niceness to 0 unless set (RAY_worker_niceness).
+    Ray's worker niceness to 0 unless set (RAY_worker_niceness). `client_mods`: further
+    ClientApp mods, outermost first (benchmarks inject a node failure with one).
     """
     from flwr.simulation import run_simulation
 
@@ -142,11 +152,16 @@ def run_federated(
         },
     }
     log.info("federated simulation: %d nodes, %d rounds, %s, out %s", nodes, rounds, strategy, out)
-    run_simulation(
-        server_app=build_server_app(overrides),
-        client_app=build_client_app(client_overrides),
-        num_supernodes=nodes,
-        backend_config=backend_config,
-        verbose_logging=verbose,
-    )
+    from server.fl.server_app import FederatedRunFailed
+
+    try:
+        run_simulation(
+            server_app=build_server_app(overrides),
+            client_app=build_client_app(client_overrides, mods=client_mods),
+            num_supernodes=nodes,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
+    except FederatedRunFailed as err:  # Flower re-raises the ServerApp's error here
+        raise Unavailable(f"the federated run failed: {err}") from None
     return FederatedResult.from_history(out)

@@ -1,4 +1,5 @@
 """`fedretrieve fl simulate`: federated LoRA training on one machine (Flower simulation engine).
+`fedretrieve fl check`: the run config `flwr run` would send, validated with the key named.
 
 It lives in `sims/` because it runs the ServerApp and the ClientApp in one process, and only
 `sims/` may import both `server` and `edge_node` (DESIGN.md §2). The deployment engine
@@ -54,6 +55,64 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="any other run-config key, e.g. --set robust-aggregator=median",
     )
     p.set_defaults(func=run_simulate)
+
+    c = sub.add_parser(
+        "check",
+        help="validate a run config as `flwr run --run-config` would send it, naming bad keys",
+    )
+    c.add_argument("--app", type=Path, default=Path("."), help="Flower app dir (pyproject.toml)")
+    c.add_argument(
+        "--run-config",
+        default="",
+        help="the same string as `flwr run --run-config`, e.g. \"strategy='ffa' lr=0.01\"",
+    )
+    c.set_defaults(func=run_check)
+
+
+def check_run_config(app: Path, run_config: str) -> str:
+    """A one-line summary of the fused run config, or ConfigError naming the bad key.
+
+    Flower's SuperLink refuses an override key that pyproject.toml does not declare with a
+    bare "Invalid run configuration."; this names it (and the closest declared key), then
+    runs the ServerApp's own validation (FlConfig) on the fused config.
+    """
+    import difflib
+
+    from flwr.common.config import flatten_dict, get_project_config, parse_config_args
+
+    from common.errors import ConfigError
+    from server.fl.run_config import FlConfig
+
+    try:
+        defaults = flatten_dict(get_project_config(app)["tool"]["flwr"]["app"].get("config", {}))
+        overrides = parse_config_args([run_config]) if run_config.strip() else {}
+    except (ValueError, KeyError, OSError) as err:
+        raise ConfigError(f"cannot read the run config: {err}") from None
+    for key in overrides:
+        if key not in defaults:
+            near = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f"; did you mean `{near[0]}`?" if near else ""
+            raise ConfigError(
+                f"run config key `{key}` is not declared in [tool.flwr.app.config] of "
+                f"{app / 'pyproject.toml'} (Flower answers only 'Invalid run configuration'){hint}"
+            )
+    cfg = FlConfig.from_run_config({**defaults, **overrides})
+    privacy = "SecAgg+" if cfg.secure_aggregation else "no SecAgg"
+    if cfg.dp != "off":
+        from server.fl.privacy import PrivacyLedger
+
+        ledger = PrivacyLedger.from_config(cfg)
+        eps = ledger.epsilon_after(cfg.num_server_rounds)
+        privacy += f", dp {cfg.dp} (epsilon {eps:.3f} at delta {cfg.dp_delta:g} after all rounds)"
+    return (
+        f"ok: {cfg.num_server_rounds} rounds of {cfg.strategy}, min-nodes {cfg.min_nodes}, "
+        f"{privacy}"
+    )
+
+
+def run_check(args: argparse.Namespace) -> int:
+    print(check_run_config(args.app, args.run_config))
+    return 0
 
 
 def run_simulate(args: argparse.Namespace) -> int:

@@ -19,11 +19,11 @@ from typing import Any
 from common.config import from_dict, load_toml
 from common.datasets import Record, load_records, read_dataset
 from common.errors import ConfigError, DatasetError
+from common.metrics import METRIC_KEYS
 from sims.simulation.serving import ServingSettings
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 
 
 @dataclass(frozen=True)
@@ -344,6 +344,10 @@ def build_report(
         "methods": methods,
         "rounds": rounds,
         "strategies": per_strategy,
+        # what protected the reported run (history.json's "privacy"; docs/privacy.md)
+        "privacy": {
+            k: default.privacy.get(k) for k in ("secure_aggregation", "dp", "epsilon", "delta")
+        },
         "communication": {
             "adapter_bytes_per_node_per_round": int(default.payload_bytes),
             "full_model_bytes": int(default.model_parameters * 4),

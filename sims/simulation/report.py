@@ -34,6 +34,21 @@ def write_report(report: dict, out: Path, federated: dict, serving) -> None:
     (out / "report.md").write_text(markdown(report))
 
 
+def privacy_line(privacy: dict) -> str:
+    """One sentence on what protected the reported run (docs/privacy.md)."""
+    secure = (
+        "with SecAgg+ (the server saw only sums)"
+        if privacy.get("secure_aggregation")
+        else ("without secure aggregation (the server saw every update)")
+    )
+    if privacy.get("dp", "off") in ("off", None):
+        return f"Trained {secure}, without differential privacy."
+    return (
+        f"Trained {secure}, with {privacy['dp']} DP: epsilon {privacy['epsilon']:.3f} "
+        f"at delta {privacy['delta']:g} after the run."
+    )
+
+
 def plot_rounds(report: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ("R1", "mAP"), strict=True):
@@ -149,6 +164,9 @@ def markdown(report: dict) -> str:
         f"{comm['image_bytes_sent']} bytes.",
         "",
         "![bytes per round](bytes.png)",
+        "",
+        "## Privacy",
+        privacy_line(report.get("privacy") or {}),
         "",
     ]
     if "broker" in report:

@@ -236,3 +236,149 @@ def test_two_supernodes_on_loopback_finish_a_run(tmp_path, tiny_dataset):
     assert sorted(history["handover"]) == ["node0", "node1"]
     for i in range(2):
         assert read_manifest(tmp_path / f"adapters{i}" / "federated").adapter_fingerprint == final
+
+
+def _three_node_dataset(root: Path, make_dataset) -> Path:
+    data = make_dataset(root, identities=18)
+    path = data / "annotations.json"
+    entries = json.loads(path.read_text())
+    for i, entry in enumerate(entries):
+        entry["node"] = f"node{i % 3}"
+    path.write_text(json.dumps(entries))
+    return data
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("kill", [False, True], ids=["all-nodes", "one-killed-mid-round"])
+def test_secagg_deployment_on_three_supernodes(tmp_path, make_dataset, kill):
+    """SecAgg+ over a real SuperLink and three SuperNodes; with `kill`, node2 is killed
+    (SIGKILL) once it is in the masked-vector stage, after the keys were shared."""
+    data = _three_node_dataset(tmp_path / "data", make_dataset)
+    home, out = tmp_path / "flwr-home", tmp_path / "out"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+    http = _http_api()
+    procs: list[subprocess.Popen] = []
+    node_procs: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(args: list, log: Path) -> subprocess.Popen:
+        with log.open("w") as fh:
+            proc = subprocess.Popen(
+                args, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                start_new_session=True,
+            )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    def link_args(ports: list[int]) -> list:
+        if http:
+            api = ["--host", "127.0.0.1", "--port", str(ports[0])]
+        else:
+            fleet, control, serverappio = (f"127.0.0.1:{p}" for p in ports)
+            api = [
+                "--fleet-api-address", fleet,
+                "--control-api-address", control,
+                "--serverappio-api-address", serverappio,
+            ]  # fmt: skip
+        return [
+            BIN / "flower-superlink", "--insecure", "--isolation", "subprocess",
+            "--disable-runtime-dependency-installation", *api,
+        ]  # fmt: skip
+
+    history_path = out / "history.json"
+    try:
+        _, link_ports = _start_listening(
+            start, link_args, 1 if http else 3, tmp_path / "superlink.log"
+        )
+        link_port, control = link_ports[0], f"127.0.0.1:{link_ports[0 if http else 1]}"
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "loopback"\n\n'
+            f'[superlink.loopback]\naddress = "{control}"\ninsecure = true\n'
+        )
+        for i in range(3):
+            node_config = (
+                f"data-path='{data}' node-id='node{i}' adapter-dir='{tmp_path / f'adapters{i}'}' "
+                "threads=1"
+            )
+
+            def node_args(ports: list[int], node_config=node_config) -> list:
+                api = (
+                    ["--port", str(ports[0])]
+                    if http
+                    else ["--clientappio-api-address", f"127.0.0.1:{ports[0]}"]
+                )
+                return [
+                    BIN / "flower-supernode", "--insecure", "--superlink",
+                    f"127.0.0.1:{link_port}", "--node-config", node_config, *api,
+                ]  # fmt: skip
+
+            log = tmp_path / f"supernode{i}.log"
+            proc, _ = _start_listening(start, node_args, 1, log)
+            node_procs.append((proc, log.with_name(f"{log.stem}-0{log.suffix}")))
+        run_config = (
+            f"model='tiny' strategy='fedavg' num-server-rounds=1 max-steps=20 batch-size=4 "
+            f"fraction-evaluate=0.0 local-eval=false min-nodes=3 secure-aggregation=true "
+            f"out-dir='{out}' eval-data='{data}' round-timeout=60.0"
+        )
+        run = subprocess.Popen(
+            [BIN / "flwr", "run", str(ROOT), "loopback", "--run-config", run_config, "--stream"],
+            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        killed = False
+        if kill:
+            victim, _ = node_procs[2]
+            deadline = time.monotonic() + 240
+            while not killed and time.monotonic() < deadline and run.poll() is None:
+                logs = [p.read_text(errors="replace") for p in tmp_path.glob("supernode2*.log")]
+                if any("training, then masking" in text for text in logs):
+                    os.killpg(victim.pid, signal.SIGKILL)
+                    killed = True
+                else:
+                    time.sleep(0.1)
+            assert killed, "node2 never reached the masked-vector stage"
+        stdout, _ = run.communicate(timeout=420)
+        assert run.returncode == 0, stdout[-3000:]
+        deadline = time.monotonic() + 120
+        while "final" not in (
+            json.loads(history_path.read_text()) if history_path.exists() else {}
+        ):
+            assert time.monotonic() < deadline, stdout[-3000:]
+            time.sleep(1)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+
+    history = json.loads(history_path.read_text())
+    (round1,) = history["rounds"][1:]
+    secagg = round1["secagg"]
+    assert secagg["completed"] and secagg["exposed_arrays"] == 0
+    assert round1["secure"] is True
+    create_model("tiny", adapter=out / "final")
+    final = read_manifest(out / "final").adapter_fingerprint
+    if not kill:
+        assert secagg["survivors"] == 3 and sorted(round1["accepted"]) == [
+            "node0", "node1", "node2"
+        ]  # fmt: skip
+        assert sorted(history["handover"]) == ["node0", "node1", "node2"]
+    else:
+        # node2 died after sharing its keys: either its masked vector never arrived (the
+        # others' masks on it were removed with the shares of its neighbours), or it did
+        # and its own mask was removed without it; the sum was unmasked either way
+        assert secagg["survivors"] + secagg["dropped"] == 3 and secagg["survivors"] >= 2
+        assert "node2" not in {k for k, v in history["handover"].items() if "error" not in v}
+    for i in range(3 if not kill else 2):
+        assert read_manifest(tmp_path / f"adapters{i}" / "federated").adapter_fingerprint == final
