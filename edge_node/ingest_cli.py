@@ -10,7 +10,6 @@ each rejection. Mistakes (no such folder, unreachable node, refused token) are o
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -102,38 +101,17 @@ def batches(paths: list[Path], size: int, max_bytes: int = MAX_BATCH_BYTES):
         yield batch
 
 
-def _token(args: argparse.Namespace) -> str | None:
-    if args.token_file:
-        try:
-            return Path(args.token_file).read_text().strip()
-        except OSError as err:
-            raise ConfigError(f"--token-file {args.token_file}: {err.strerror}") from err
-    return args.token or os.environ.get("FEDRETRIEVE_NODE_TOKEN")
-
-
 def _channel(args: argparse.Namespace):
-    import grpc
+    from common.rpc.client import open_channel
 
-    if ":" not in args.node:
-        raise ConfigError(f"--node must be host:port, got {args.node!r}")
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise ConfigError("--tls-cert and --tls-key go together")
-    options = [("grpc.max_send_message_length", 64 << 20)]
-    if args.server_name:
-        options.append(("grpc.ssl_target_name_override", args.server_name))
-    if not (args.tls_ca or args.tls_cert):
-        return grpc.insecure_channel(args.node, options=options)
-
-    def read(path: str | None) -> bytes | None:
-        if path is None:
-            return None
-        try:
-            return Path(path).read_bytes()
-        except OSError as err:
-            raise ConfigError(f"cannot read {path}: {err.strerror}") from err
-
-    creds = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
-    return grpc.secure_channel(args.node, creds, options=options)
+    return open_channel(
+        args.node,
+        ca=args.tls_ca,
+        cert=args.tls_cert,
+        key=args.tls_key,
+        server_name=args.server_name,
+        options=[("grpc.max_send_message_length", 64 << 20)],
+    )
 
 
 def _explain(err, node: str, done: int, total: int) -> FedRetrieveError:
@@ -172,7 +150,9 @@ def ingest_folder(args: argparse.Namespace, out=None) -> Summary:
     summary = Summary(skipped=skipped)
     if not paths:
         return summary
-    token = _token(args)
+    from common.rpc.client import read_token
+
+    token = read_token(args.token, args.token_file, "FEDRETRIEVE_NODE_TOKEN")
     metadata = [("authorization", f"Bearer {token}")] if token else []
     channel = _channel(args)
     try:

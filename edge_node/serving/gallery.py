@@ -57,12 +57,17 @@ def file_name_problem(name: str, limits: Limits) -> str | None:
     if limits.file_name_charset == "portable":
         bad = [c for c in name if c not in _PORTABLE]
     else:
-        bad = [c for c in name if c in "/\\" or unicodedata.category(c) in _UNPRINTABLE]
+        bad = [c for c in name if c == "\\" or unicodedata.category(c) in _UNPRINTABLE]
     if bad:
         return (
             f"file_name {short_repr(name)} has characters outside file-name-charset "
             f"{limits.file_name_charset!r}: {name_some(sorted(set(bad)), limit=3)}"
         )
+    # "/" may separate folders of a camera's export ("c01/0002.jpg"): the catalog stores
+    # images by content hash, never by this name; but a name is never absolute and never
+    # climbs out, so a tool that writes files named after hits cannot be led astray
+    if name.startswith("/") or ".." in name.split("/"):
+        return f"file_name {short_repr(name)} must be a relative name without '..' parts"
     return None
 
 

@@ -111,15 +111,6 @@ def build_request(args: argparse.Namespace):
     )
 
 
-def _token(args: argparse.Namespace) -> str | None:
-    if args.token_file:
-        try:
-            return Path(args.token_file).read_text().strip()
-        except OSError as err:
-            raise ConfigError(f"--token-file {args.token_file}: {err.strerror}") from err
-    return args.token or os.environ.get("FEDRETRIEVE_TOKEN")
-
-
 def check_output(value: str, flag: str, *, create_parent: bool) -> None:
     """Refuse an output path that cannot be written, before any query is sent.
 
@@ -150,6 +141,7 @@ def _write(flag: str, value: str, write) -> object:
 
 
 def run_query(args: argparse.Namespace) -> int:
+    from common.rpc.client import read_token
     from server.operator.client import BrokerClient
     from server.operator.output import (
         print_json,
@@ -166,7 +158,10 @@ def run_query(args: argparse.Namespace) -> int:
         check_output(args.sheet, "--sheet", create_parent=False)
     tls = (args.tls_ca, args.tls_cert, args.tls_key)
     with BrokerClient(
-        args.broker, token=_token(args), tls=tls, connect_timeout=args.connect_timeout
+        args.broker,
+        token=read_token(args.token, args.token_file, "FEDRETRIEVE_TOKEN"),
+        tls=tls,
+        connect_timeout=args.connect_timeout,
     ) as client:
         response = client.search(request)
         if args.json:

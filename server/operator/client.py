@@ -6,8 +6,6 @@ wrong and what to do, so the CLI never shows a traceback.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import grpc
 
 from common.errors import (
@@ -18,6 +16,7 @@ from common.errors import (
     NotFound,
     Unavailable,
 )
+from common.rpc.client import open_channel
 from protos import broker_pb2, broker_pb2_grpc, retrieval_pb2
 from server.operator.output import safe
 
@@ -40,7 +39,8 @@ class BrokerClient:
         self.address = address
         self.token = token
         self.connect_timeout = connect_timeout
-        self.channel = _open(address, tls)
+        ca, cert, key = tls
+        self.channel = open_channel(address, ca=ca, cert=cert, key=key)
         self.stub = broker_pb2_grpc.BrokerServiceStub(self.channel)
         self._ready = False
 
@@ -125,22 +125,3 @@ class BrokerClient:
         if code == grpc.StatusCode.UNAVAILABLE:
             return Unavailable(f"{what} failed at {self.address}: {details}")
         return FedRetrieveError(f"{what} failed at {self.address} with {code.name}: {details}")
-
-
-def _open(address: str, tls: tuple[str | None, str | None, str | None]) -> grpc.Channel:
-    ca, cert, key = tls
-    if (cert is None) != (key is None):
-        raise ConfigError("--tls-cert and --tls-key go together")
-    if ca is None and cert is None:
-        return grpc.insecure_channel(address)
-
-    def read(path: str | None) -> bytes | None:
-        if path is None:
-            return None
-        try:
-            return Path(path).read_bytes()
-        except OSError as err:
-            raise ConfigError(f"cannot read {path}: {err.strerror}") from err
-
-    credentials = grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
-    return grpc.secure_channel(address, credentials)

@@ -327,6 +327,6 @@ def _command(args: argparse.Namespace) -> str:
     flags = " ".join(
         f"--{k.replace('_', '-')} {v}"
         for k, v in vars(args).items()
-        if k not in ("func", "json_out", "bench", "command") and v is not None
+        if k not in ("func", "json_out", "bench", "command", "verbose") and v is not None
     )
     return f"fedretrieve bench fleet --json {args.json_out} {flags}"

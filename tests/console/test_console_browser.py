@@ -349,7 +349,9 @@ def press_tab_until(page, predicate: str, most: int = 80) -> None:
 
 def test_keyboard_alone_signs_in_searches_opens_a_hit_and_finds_similar(page, console):
     page.goto(f"{console.url}/login")
-    page.keyboard.type(TOKENS["alice"])  # the token field has the focus
+    # the token field takes the focus itself (autofocus); wait for it, or keys are lost
+    page.wait_for_function("document.activeElement && document.activeElement.id === 'token'")
+    page.keyboard.type(TOKENS["alice"])
     page.keyboard.press("Enter")
     page.wait_for_url(f"{console.url}/search")
     page.keyboard.press("Tab")

@@ -153,6 +153,8 @@ def test_over_long_or_unprintable_file_names_are_refused_before_anything_is_stor
         "newline": "a\nb.jpg",
         "bidi override": "gpj.\u202eexe",
         "path": "../../etc/passwd",
+        "absolute": "/etc/cam1.jpg",
+        "backslash": "cam1\\x.jpg",
     }
     for case, name in cases.items():
         items = [*good[:2], node_pb2.ImageItem(**{**_fields(good[2]), "file_name": name})]
@@ -163,6 +165,18 @@ def test_over_long_or_unprintable_file_names_are_refused_before_anything_is_stor
     assert len(served.node.gallery) == 0 and served.node.gallery.rejected_count == 0
     assert db.stat().st_size < 1_000_000
     assert len(ingest(served, good)) == 3  # the same images with their own names are fine
+
+
+def test_folder_names_inside_a_file_name_are_fine(serve_node):
+    """A camera export's relative path ("c01/00002_c01_00.jpg") is a name, not a path on the
+    node (images are stored by content hash): the simulation ingests exactly such names."""
+    served = serve_node()
+    items = gallery_items(2)
+    named = [
+        node_pb2.ImageItem(**{**_fields(item), "file_name": f"imgs/test/c01/{i:05d}.jpg"})
+        for i, item in enumerate(items)
+    ]
+    assert len(ingest(served, named)) == 2
 
 
 def _fields(item: node_pb2.ImageItem) -> dict:
