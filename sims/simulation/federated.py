@@ -9,9 +9,11 @@ ServerApp's `OUT/history.json`, the same file a deployment run leaves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,14 +156,37 @@ def run_federated(
     log.info("federated simulation: %d nodes, %d rounds, %s, out %s", nodes, rounds, strategy, out)
     from server.fl.server_app import FederatedRunFailed
 
-    try:
-        run_simulation(
-            server_app=build_server_app(overrides),
-            client_app=build_client_app(client_overrides, mods=client_mods),
-            num_supernodes=nodes,
-            backend_config=backend_config,
-            verbose_logging=verbose,
-        )
-    except FederatedRunFailed as err:  # Flower re-raises the ServerApp's error here
-        raise Unavailable(f"the federated run failed: {err}") from None
+    for attempt in (1, 2):
+        try:
+            run_simulation(
+                server_app=build_server_app(overrides),
+                client_app=build_client_app(client_overrides, mods=client_mods),
+                num_supernodes=nodes,
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
+            break
+        except FederatedRunFailed as err:  # Flower re-raises the ServerApp's error here
+            raise Unavailable(f"the federated run failed: {err}") from None
+        except RuntimeError as err:
+            if attempt == 2 or not _ray_did_not_start(err):
+                raise
+            # Ray's head sometimes misses its own start-up deadline on a busy machine (its
+            # GCS port file times out) before anything of ours ran: start it once more
+            log.warning("Ray's head process did not start in time (%s); retrying once", err)
+            _shutdown_ray()
+            (out / "history.json").unlink(missing_ok=True)
     return FederatedResult.from_history(out)
+
+
+def _ray_did_not_start(err: BaseException) -> bool:
+    """True when `err` (with its causes) is Ray failing to start its head process."""
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    return "gcs_server_port" in text and "Timed out waiting for file" in text
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    with contextlib.suppress(Exception):  # whatever half-started, gone before the retry
+        ray.shutdown()
