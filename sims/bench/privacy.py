@@ -81,8 +81,7 @@ def _prepare(args):
     from common.datasets import load_records
     from common.factory import create_model
     from common.train import TextFeatureCache
-    from sims.pretrain import ensure_base_model
-    from sims.simulation.pipeline import load_sim_config, prepare_data
+    from sims.simulation.pipeline import base_model_spec, load_sim_config, prepare_data
     from sims.synth.cli import cache_dir_from_env
 
     cfg = load_sim_config(args.config)
@@ -90,17 +89,7 @@ def _prepare(args):
     work = args.work.expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     data_dir = prepare_data(cfg.data, work, cache)
-    base_spec = str(
-        ensure_base_model(
-            data_dir,
-            cache,
-            progress=False,
-            model=cfg.base.model,
-            epochs=cfg.base.epochs,
-            lr=cfg.base.lr,
-            seed=cfg.seed,
-        )
-    )
+    base_spec = base_model_spec(cfg, data_dir, cache, progress=False)
     base = create_model(base_spec)
     records = load_records(data_dir)
     text_cache = TextFeatureCache(base.fingerprint)

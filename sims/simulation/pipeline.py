@@ -159,6 +159,26 @@ def metric_subset(m: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- pipeline
+def base_model_spec(cfg: SimConfig, data_dir: Path, cache_dir: Path, *, progress: bool) -> str:
+    """The base model the run starts from: pre-trained on the source split (cached) when
+    `[base] pretrain`, else the named model as is."""
+    if not cfg.base.pretrain:
+        return cfg.base.model
+    from sims.pretrain import ensure_base_model
+
+    return str(
+        ensure_base_model(
+            data_dir,
+            cache_dir,
+            progress=progress,
+            model=cfg.base.model,
+            epochs=cfg.base.epochs,
+            lr=cfg.base.lr,
+            seed=cfg.seed,
+        )
+    )
+
+
 def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True) -> dict:
     """Run every stage and write OUT/report.json, report.md and the plots."""
     from common.evaluate import embed_records, evaluate
@@ -187,22 +207,7 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
     stage("data", t0)
 
     t0 = time.perf_counter()
-    if cfg.base.pretrain:
-        from sims.pretrain import ensure_base_model
-
-        base_spec = str(
-            ensure_base_model(
-                data_dir,
-                cache_dir,
-                progress=progress,
-                model=cfg.base.model,
-                epochs=cfg.base.epochs,
-                lr=cfg.base.lr,
-                seed=cfg.seed,
-            )
-        )
-    else:
-        base_spec = cfg.base.model
+    base_spec = base_model_spec(cfg, data_dir, cache_dir, progress=progress)
     base = create_model(base_spec)
     stage("base_model", t0)
 
