@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import os
-import traceback
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,37 +156,56 @@ def run_federated(
     log.info("federated simulation: %d nodes, %d rounds, %s, out %s", nodes, rounds, strategy, out)
     from server.fl.server_app import FederatedRunFailed
 
-    for attempt in (1, 2):
-        try:
-            run_simulation(
-                server_app=build_server_app(overrides),
-                client_app=build_client_app(client_overrides, mods=client_mods),
-                num_supernodes=nodes,
-                backend_config=backend_config,
-                verbose_logging=verbose,
-            )
-            break
-        except FederatedRunFailed as err:  # Flower re-raises the ServerApp's error here
-            raise Unavailable(f"the federated run failed: {err}") from None
-        except RuntimeError as err:
-            if attempt == 2 or not _ray_did_not_start(err):
-                raise
-            # Ray's head sometimes misses its own start-up deadline on a busy machine (its
-            # GCS port file times out) before anything of ours ran: start it once more
-            log.warning("Ray's head process did not start in time (%s); retrying once", err)
-            _shutdown_ray()
-            (out / "history.json").unlink(missing_ok=True)
+    _start_ray(backend_config["init_args"])
+    try:
+        run_simulation(
+            server_app=build_server_app(overrides),
+            client_app=build_client_app(client_overrides, mods=client_mods),
+            num_supernodes=nodes,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
+    except FederatedRunFailed as err:  # Flower re-raises the ServerApp's error here
+        raise Unavailable(f"the federated run failed: {err}") from None
+    finally:
+        _shutdown_ray()
     return FederatedResult.from_history(out)
 
 
-def _ray_did_not_start(err: BaseException) -> bool:
-    """True when `err` (with its causes) is Ray failing to start its head process."""
-    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-    return "gcs_server_port" in text and "Timed out waiting for file" in text
+RAY_START_ATTEMPTS = 3
+
+
+def _start_ray(init_args: Mapping[str, Any]) -> None:
+    """Start Ray's head here, before Flower: Flower uses a running Ray as it finds it.
+
+    Why: on a busy machine Ray's head sometimes misses its own start-up deadline (its GCS
+    port file times out). Inside Flower that failure happens in the simulation thread and
+    surfaces only as nodes that never answer; here it is an exception we can retry, before
+    anything of ours ran. The PYTHONPATH hand-over is what Flower's own start would do.
+    """
+    import ray
+
+    if ray.is_initialized():  # a caller's own Ray: Flower will use it as it is
+        return
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = pythonpath
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+            return
+        except Exception as err:  # Ray raises plain Exception/RuntimeError/ConnectionError
+            _shutdown_ray()
+            if attempt == RAY_START_ATTEMPTS:
+                raise Unavailable(
+                    f"Ray's head process did not start ({attempt} attempts): {err}"
+                ) from None
+            log.warning(
+                "Ray did not start (%s); attempt %d of %d", err, attempt + 1, RAY_START_ATTEMPTS
+            )
 
 
 def _shutdown_ray() -> None:
     import ray
 
-    with contextlib.suppress(Exception):  # whatever half-started, gone before the retry
+    with contextlib.suppress(Exception):  # whatever half-started, gone before the next try
         ray.shutdown()
