@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from common.camera_norm import CameraNorm
 from common.datasets import Record
 from common.errors import ConfigError
 from common.model import DualEncoder, eval_mode
@@ -84,13 +85,24 @@ class TrainResult:
 
 
 class ImageBank:
-    """Every distinct image of a record list, resized once and kept as uint8 (n,H,W,3)."""
+    """Every distinct image of a record list, resized once and kept as uint8 (n,H,W,3).
 
-    def __init__(self, records: Sequence[Record], cfg: PreprocessCfg) -> None:
-        paths = sorted({r.image_path for r in records})
+    With `camera_norm`, each image gets its camera's gains before the resize, so the pad
+    colour stays neutral and the bank holds exactly what a normalising node would embed.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        cfg: PreprocessCfg,
+        camera_norm: CameraNorm | None = None,
+    ) -> None:
+        camera = {r.image_path: r.camera_id for r in records}
+        paths = sorted(camera)
         self.index = {p: i for i, p in enumerate(paths)}
         self.cfg = cfg
-        arrays = [resize_uint8(load_image(p), cfg) for p in paths]
+        norm = camera_norm or CameraNorm()
+        arrays = [resize_uint8(norm.apply(load_image(p), camera[p]), cfg) for p in paths]
         h, w = cfg.size
         self.pixels = (
             torch.from_numpy(np.stack(arrays))

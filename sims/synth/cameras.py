@@ -5,10 +5,18 @@ orange, an LED flood light turns it blue, a cheap dome camera blurs and compress
 difference is what federated fine-tuning has to absorb. Each target camera gets one of
 eight "looks", scaled by the shift level; the `source` cameras all use the neutral look,
 which is what the base model sees.
+
+Two sets of looks: `v2` (LOOKS_V2) is strong coloured light, which is mostly a per-channel
+gain that a per-camera gray-world white balance removes without any learning (DESIGN.md
+section 9). `v3` (LOOKS_V3, the default) is built from CCTV failure modes that no global
+per-camera colour transform undoes: near-infrared night mode, light that changes colour
+across the frame, vignetting, hard shadows, backlight, glare, overhead foreshortening,
+motion blur, blocky low resolution, and per-camera detector crop styles and occlusion.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +44,18 @@ class CameraStyle:
     jpeg_quality: int = 92
     background: str = ""  # "" = a random neutral background per image, else a kind
     bg_colours: tuple[tuple[int, int, int], ...] = ()
+    # v3: effects a per-camera colour gain cannot undo (0 / neutral = off)
+    nir: float = 0.0  # blend to near-infrared monochrome (dyes look alike, skin glows)
+    split_cast: tuple[float, float, float] = (1.0, 1.0, 1.0)  # the other light, across x
+    vignette: float = 0.0  # radial fall-off strength (an IR illuminator's hot spot)
+    shadow: float = 0.0  # darkness of a hard shadow band crossing the crop
+    backlight: float = 0.0  # person darkened, background washed out (an entrance door)
+    glare: float = 0.0  # a bright bloom from a lamp in view
+    overhead: float = 0.0  # vertical foreshortening of a high dome camera
+    motion_blur: float = 0.0  # horizontal smear in pixels (slow shutter, walking person)
+    block_quality: int = 0  # JPEG quality at the reduced resolution (blocks), 0 = off
+    crop: str = "normal"  # detector box style: normal | tight | loose | truncated
+    occlusion: float = -1.0  # per-camera occluder probability, < 0 = the dataset's rate
 
 
 # name -> full-strength parameters; strength scales their distance from neutral.
@@ -48,7 +68,7 @@ class CameraStyle:
 # centralised LoRA gained only +4..6 Rank-1 (docs/benchmark.md). Casts pointing in eight
 # directions also make the nodes non-IID in appearance: a node that adapts to its own
 # two lights learns little about the other nodes' six.
-LOOKS: dict[str, dict] = {
+LOOKS_V2: dict[str, dict] = {
     # low-pressure sodium street lamps: nearly monochrome orange, blue almost gone
     "sodium-night": dict(cast=(1.0, 0.6, 0.2), noise=5, blur=0.5, jpeg_quality=75),
     # blue LED flood lights at a loading bay
@@ -67,42 +87,93 @@ LOOKS: dict[str, dict] = {
     "violet-led": dict(cast=(0.6, 0.3, 1.0), noise=4, jpeg_quality=80),
 }
 
+# v3: one CCTV failure mode (or two) per camera, each undone by no per-camera colour gain.
+# Colour casts stay mild: where one is present it rides on top of a spatial effect.
+LOOKS_V3: dict[str, dict] = {
+    # IR-cut filter out, IR illuminator on: monochrome, bright centre, dark corners
+    "nir-night": dict(nir=1.0, vignette=0.55, noise=6, blur=0.6, jpeg_quality=70),
+    # a shop window's warm light on one side, a cool street lamp on the other
+    "mixed-light": dict(
+        cast=(1.0, 0.75, 0.5), split_cast=(0.45, 0.8, 1.0), noise=4, jpeg_quality=80
+    ),
+    # a glass entrance door: bright daylight behind, the person in shadow
+    "backlit-entrance": dict(backlight=0.75, glare=0.5, crop="loose", noise=4, jpeg_quality=80),
+    # a dome high above a corridor: heads big, legs short, tight detector boxes
+    "overhead-dome": dict(
+        overhead=0.55, vignette=0.3, crop="tight", cast=(0.9, 1.0, 0.85), noise=4, jpeg_quality=80
+    ),
+    # a 2009 analogue camera through an encoder: tiny, blocky, legs cut by the frame
+    "legacy-lowres": dict(
+        downscale=2.6, block_quality=40, crop="truncated", noise=5, jpeg_quality=75
+    ),
+    # a dim corridor with a slow shutter and pillars casting hard shadows
+    "motion-corridor": dict(
+        motion_blur=5.0, shadow=0.65, gain=0.85, cast=(0.85, 1.0, 0.8), noise=5, jpeg_quality=78
+    ),
+    # low-pressure sodium at night: one wavelength, colour all but gone
+    "sodium-mono": dict(
+        desaturate=0.7, cast=(1.0, 0.7, 0.35), vignette=0.35, noise=6, jpeg_quality=72
+    ),
+    # a busy platform in harsh sun: washed out, hard shadows, people in the way
+    "crowded-glare": dict(
+        haze=0.3, gamma=0.65, glare=0.6, shadow=0.5, occlusion=0.6, noise=4, jpeg_quality=80
+    ),
+}
+LOOK_SETS = {"v2": LOOKS_V2, "v3": LOOKS_V3}
+LOOKS = LOOKS_V3
+CROP_STYLES = ("normal", "tight", "loose", "truncated")
+
 _NEUTRAL = CameraStyle(camera_id="", look="neutral")
 
 
 def make_camera_style(
-    camera_id: str, index: int, shift: str, rng: np.random.Generator
+    camera_id: str, index: int, shift: str, rng: np.random.Generator, looks: str = "v3"
 ) -> CameraStyle:
-    """Camera `index` gets look `index % 8`, jittered by `rng`, scaled by the shift level."""
+    """Camera `index` gets look `index % 8` of set `looks`, jittered by `rng`, scaled by the
+    shift level."""
     strength = SHIFT_LEVELS[shift]
     if strength == 0.0:
         return CameraStyle(camera_id=camera_id, look="neutral")
-    names = list(LOOKS)
+    table = LOOK_SETS[looks]
+    names = list(table)
     look = names[index % len(names)]
-    params = LOOKS[look]
+    params = table[look]
 
     def lerp(field: str) -> float:
         neutral = getattr(_NEUTRAL, field)
         full = params.get(field, neutral) * float(rng.uniform(0.9, 1.1))
         return neutral + strength * (full - neutral)
 
-    cast = params.get("cast", (1.0, 1.0, 1.0))
+    def lerp_rgb(field: str) -> tuple[float, float, float]:
+        rgb = params.get(field, (1.0, 1.0, 1.0))
+        return tuple(1.0 + strength * (c * float(rng.uniform(0.95, 1.05)) - 1.0) for c in rgb)
+
     kind = BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
     bg = tuple(_muted(rng) for _ in range(3))
+    # drawn in v2's order, so a v2 camera's parameters (and bytes) stay what they were
+    common = {"gain": lerp("gain"), "cast": lerp_rgb("cast")}
+    for name in ("haze", "desaturate", "gamma", "blur", "downscale", "noise", "jpeg_quality"):
+        common[name] = lerp(name)
+    common["downscale"] = max(1.0, common["downscale"])
+    common["jpeg_quality"] = round(common["jpeg_quality"])
+    v3 = {}
+    if looks != "v2":
+        block = params.get("block_quality", 0)
+        v3 = dict(
+            nir=min(1.0, lerp("nir")),
+            split_cast=lerp_rgb("split_cast"),
+            vignette=lerp("vignette"),
+            shadow=min(0.9, lerp("shadow")),
+            backlight=min(0.9, lerp("backlight")),
+            glare=lerp("glare"),
+            overhead=lerp("overhead"),
+            motion_blur=lerp("motion_blur"),
+            block_quality=round(100 - strength * (100 - block)) if block else 0,
+            crop=params.get("crop", "normal") if strength >= 0.5 else "normal",
+            occlusion=params.get("occlusion", -1.0),
+        )
     return CameraStyle(
-        camera_id=camera_id,
-        look=look,
-        gain=lerp("gain"),
-        cast=tuple(1.0 + strength * (c * float(rng.uniform(0.95, 1.05)) - 1.0) for c in cast),
-        haze=lerp("haze"),
-        desaturate=lerp("desaturate"),
-        gamma=lerp("gamma"),
-        blur=lerp("blur"),
-        downscale=max(1.0, lerp("downscale")),
-        noise=lerp("noise"),
-        jpeg_quality=round(lerp("jpeg_quality")),
-        background=kind,
-        bg_colours=bg,
+        camera_id=camera_id, look=look, background=kind, bg_colours=bg, **common, **v3
     )
 
 
@@ -166,17 +237,47 @@ def _jitter_colour(
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in colour)
 
 
-def apply_camera(img: Image.Image, style: CameraStyle, rng: np.random.Generator) -> Image.Image:
-    """Optics, resolution, light and sensor noise of `style`, with a small per-frame jitter."""
+def apply_camera(
+    img: Image.Image,
+    style: CameraStyle,
+    rng: np.random.Generator,
+    person: np.ndarray | None = None,
+) -> Image.Image:
+    """Optics, resolution, light and sensor noise of `style`, with a small per-frame jitter.
+
+    `person`: the figure's (H, W) coverage in 0..1, for effects that treat the person and
+    the scene differently (backlight). The v2 effects run in v2's order with v2's draws, so
+    a v2 camera renders the same bytes as before; each v3 effect draws only when it is on.
+    """
     w, h = img.size
+    if style.overhead > 0.01:
+        img, person = _foreshorten(img, person, style.overhead)
+    x = None
+    if style.motion_blur > 0.5:
+        x = _smear(np.asarray(img, dtype=np.float32), style.motion_blur)
+        img = Image.fromarray(np.clip(x + 0.5, 0, 255).astype(np.uint8))
     if style.blur > 0.05:
         img = img.filter(ImageFilter.GaussianBlur(style.blur))
     if style.downscale > 1.05:
         small = (max(4, round(w / style.downscale)), max(4, round(h / style.downscale)))
-        img = img.resize(small, Image.Resampling.BILINEAR).resize((w, h), Image.Resampling.BILINEAR)
+        img = img.resize(small, Image.Resampling.BILINEAR)
+        if style.block_quality:  # an encoder at the camera's own tiny resolution: blocks
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=style.block_quality)
+            img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+            img = img.resize((w, h), Image.Resampling.NEAREST)
+        else:
+            img = img.resize((w, h), Image.Resampling.BILINEAR)
     x = np.asarray(img, dtype=np.float32) / 255.0
+    x = _scene_light(x, style, rng, person)
     gain = style.gain * float(rng.uniform(0.9, 1.1))
     x = x * (gain * np.asarray(style.cast, np.float32))
+    if style.split_cast != (1.0, 1.0, 1.0):
+        x = x * _split_light(style, rng, w)
+    if style.nir > 0:
+        grey = x @ np.array([0.4, 0.4, 0.2], np.float32)
+        glow = 0.25 + 0.75 * np.clip(grey, 0, 1) ** 0.7  # dark dyes reflect NIR: little contrast
+        x = x + style.nir * (glow[..., None] - x)
     if style.desaturate > 0:
         grey = x.mean(axis=2, keepdims=True)
         x = x + style.desaturate * (grey - x)
@@ -187,3 +288,66 @@ def apply_camera(img: Image.Image, style: CameraStyle, rng: np.random.Generator)
         x = x**style.gamma
     x = x * 255.0 + rng.normal(0.0, style.noise, size=x.shape).astype(np.float32)
     return Image.fromarray(np.clip(x + 0.5, 0, 255).astype(np.uint8))
+
+
+def _scene_light(
+    x: np.ndarray, style: CameraStyle, rng: np.random.Generator, person: np.ndarray | None
+) -> np.ndarray:
+    """Light that varies across the frame: backlight, shadow band, glare, vignette."""
+    h, w = x.shape[:2]
+    y, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    u, v = (xx + 0.5) / w, (y + 0.5) / h
+    if style.backlight > 0 and person is not None:
+        m = person[..., None]
+        b = style.backlight * float(rng.uniform(0.85, 1.1))
+        lit_bg = x + 0.8 * b * (1.0 - x)  # bright daylight behind the door
+        x = m * x * (1.0 - b) + (1.0 - m) * lit_bg
+    if style.shadow > 0:
+        angle = float(rng.uniform(-0.9, 0.9))
+        centre, width = float(rng.uniform(0.15, 0.85)), float(rng.uniform(0.18, 0.35))
+        d = (v - centre) * np.cos(angle) + (u - 0.5) * 0.5 * np.sin(angle)
+        band = np.clip((width / 2 - np.abs(d)) * h / 1.5, 0, 1)  # hard edge, ~1.5 px soft
+        x = x * (1.0 - style.shadow * band)[..., None]
+    if style.glare > 0:
+        gx, gy = float(rng.uniform(0.0, 1.0)), float(rng.uniform(0.0, 0.4))
+        r2 = ((u - gx) * w / h) ** 2 + (v - gy) ** 2
+        bloom = style.glare * np.exp(-r2 / (2 * 0.12**2))
+        x = x + bloom[..., None] * (1.2 - x)
+    if style.vignette > 0:
+        r2 = ((u - 0.5) * 2) ** 2 * 0.6 + ((v - 0.5) * 2) ** 2 * 0.4
+        x = x * np.clip(1.0 - style.vignette * r2, 0.08, 1.0)[..., None]
+    return x
+
+
+def _split_light(style: CameraStyle, rng: np.random.Generator, w: int) -> np.ndarray:
+    """Per-column multiplier turning `cast` into `split_cast` across a soft, moving edge."""
+    edge, soft = float(rng.uniform(0.3, 0.7)), float(rng.uniform(0.08, 0.2))
+    u = (np.arange(w, dtype=np.float32) + 0.5) / w
+    t = 1.0 / (1.0 + np.exp(-(u - edge) / soft))
+    if rng.random() < 0.5:
+        t = 1.0 - t
+    ratio = np.asarray(style.split_cast, np.float32) / np.maximum(
+        np.asarray(style.cast, np.float32), 1e-3
+    )
+    return (1.0 - t)[None, :, None] + t[None, :, None] * ratio[None, None, :]
+
+
+def _foreshorten(
+    img: Image.Image, person: np.ndarray | None, amount: float
+) -> tuple[Image.Image, np.ndarray | None]:
+    """A high camera looking down: the top of the crop (head) stretched, the legs squeezed."""
+    x = np.asarray(img)
+    h = x.shape[0]
+    rows = np.clip(((np.arange(h) + 0.5) / h) ** (1.0 + amount) * h, 0, h - 1).astype(int)
+    out = Image.fromarray(np.ascontiguousarray(x[rows]))
+    return out, (None if person is None else person[rows])
+
+
+def _smear(x: np.ndarray, length: float) -> np.ndarray:
+    """Horizontal box blur of about `length` pixels (a moving person, a slow shutter)."""
+    n = max(2, round(length))
+    pad = np.pad(x, ((0, 0), (n, n), (0, 0)), mode="edge")
+    c = np.cumsum(pad, axis=1, dtype=np.float64)
+    lo = n // 2
+    out = (c[:, n + lo : n + lo + x.shape[1]] - c[:, lo : lo + x.shape[1]]) / n
+    return out.astype(np.float32)

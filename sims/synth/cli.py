@@ -35,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=_size, default=d.size, help="crop size HxW (default 128x64)")
     p.add_argument("--shift", choices=("none", "mild", "strong"), default=d.shift,
                    help="per-camera appearance shift")  # fmt: skip
+    p.add_argument("--looks", choices=("v3", "v2"), default=d.looks,
+                   help="camera look set: v3 CCTV failure modes, v2 coloured light")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=None, help="render processes (default: CPUs)")
     p.add_argument("--preview", type=Path, default=None, help="also write a contact sheet PNG")
@@ -74,6 +76,7 @@ def _synth(args: argparse.Namespace) -> int:
         images_per_camera=args.images_per_camera,
         size=args.size,
         shift=args.shift,
+        looks=args.looks,
         seed=args.seed,
     )
     summary = generate(cfg, args.out, workers=args.workers)

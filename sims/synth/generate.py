@@ -22,15 +22,23 @@ import numpy as np
 
 from common.errors import ConfigError
 from sims.synth.attributes import Identity, node_weights, sample_identity
-from sims.synth.cameras import SHIFT_LEVELS, CameraStyle, make_camera_style, neutral_style
+from sims.synth.cameras import (
+    LOOK_SETS,
+    SHIFT_LEVELS,
+    CameraStyle,
+    make_camera_style,
+    neutral_style,
+)
 from sims.synth.captions import write_captions
-from sims.synth.render import Pose, render_crop, sample_pose
+from sims.synth.render import Pose, next_frame, render_crop, sample_pose
 
 log = logging.getLogger(__name__)
 
 # Bump when the same SynthConfig would render different bytes (looks, renderer, captions):
 # cached datasets are keyed by it, so a stale one is never reused.
-GENERATOR_VERSION = 2  # 2: learnable coloured-light camera looks
+# 2: learnable coloured-light camera looks; 3: CCTV failure modes no colour gain undoes
+# (`looks = "v3"`, v2's looks still selectable), crops of one visit form a tracklet
+GENERATOR_VERSION = 3
 BASE_TIME_MS = 1_714_550_400_000  # 2024-05-01T08:00:00Z: all timestamps are after this
 # Seed purposes: each draws from its own stream, so adding one never shifts the others.
 _PLAN, _CAMERA, _IDENTITY, _POSE, _CAPTION, _RENDER = range(6)
@@ -54,6 +62,7 @@ class SynthConfig:
     cameras_per_identity: tuple[int, int] = (2, 5)
     occlusion: float = 0.25  # probability of an occluder per crop
     partial_captions: float = 0.35  # probability that a caption covers only 2-3 attributes
+    looks: str = "v3"  # camera look set: v3 (CCTV failure modes) or v2 (coloured light)
 
     def __post_init__(self) -> None:
         if self.identities < 2:
@@ -71,6 +80,8 @@ class SynthConfig:
             )
         if len(self.size) != 2 or min(self.size) < 16:
             raise ConfigError(f"`size` must be (H, W) with both >= 16, got {self.size}")
+        if self.looks not in LOOK_SETS:
+            raise ConfigError(f"`looks` must be one of {sorted(LOOK_SETS)}, got {self.looks!r}")
         if self.shift not in SHIFT_LEVELS:
             raise ConfigError(f"`shift` must be one of {sorted(SHIFT_LEVELS)}, got {self.shift!r}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -134,7 +145,7 @@ def plan(cfg: SynthConfig) -> Plan:
     node_names = sorted(set(nodes.values()), key=lambda n: int(n[4:]))
     styles: dict[str, CameraStyle] = {}
     for i, cam in enumerate(nodes):
-        styles[cam] = make_camera_style(cam, i, cfg.shift, _rng(cfg, _CAMERA, i))
+        styles[cam] = make_camera_style(cam, i, cfg.shift, _rng(cfg, _CAMERA, i), cfg.looks)
     src_cams = [f"s{i + 1:02d}" for i in range(cfg.source_cameras)]
     for cam in src_cams:
         styles[cam] = neutral_style(cam)
@@ -167,13 +178,18 @@ def plan(cfg: SynthConfig) -> Plan:
         )
 
     index = 0
+    tracklet = 0
     for pid, split, _home, ident, shots in people:
         trng = _rng(cfg, _PLAN, 1 + pid)
         t = BASE_TIME_MS + int(trng.integers(0, 12 * 3600 * 1000))
         for cam, n_images in shots:
             t += int(trng.integers(30_000, 600_000))  # walking to the next camera
+            tracklet += 1  # one visit of one person to one camera: one tracklet
+            pose = None
             for k in range(n_images):
-                pose = sample_pose(_rng(cfg, _POSE, index))
+                # the crops of a visit follow one walk: same view, small changes frame to frame
+                prng = _rng(cfg, _POSE, index)
+                pose = sample_pose(prng) if pose is None else next_frame(pose, prng)
                 rel = f"imgs/{split}/{cam}/{pid:05d}_{cam}_{k:02d}.jpg"
                 caps = write_captions(
                     ident, pose.view, _rng(cfg, _CAPTION, index), 2, cfg.partial_captions
@@ -194,6 +210,7 @@ def plan(cfg: SynthConfig) -> Plan:
                         "node": nodes.get(cam),
                         "timestamp_ms": stamp,
                         "view": pose.view,
+                        "tracklet": tracklet,  # ground truth, for evaluating tracklet linking
                     }
                 )
                 index += 1

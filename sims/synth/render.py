@@ -44,6 +44,18 @@ def sample_pose(rng: np.random.Generator) -> Pose:
     )
 
 
+def next_frame(prev: Pose, rng: np.random.Generator) -> Pose:
+    """The next crop of the same walk past a camera: same view and facing, a new step, a
+    slightly different box (what a tracker hands over a few hundred ms later)."""
+    return Pose(
+        view=prev.view,
+        facing_left=prev.facing_left,
+        height=float(np.clip(prev.height + rng.uniform(-0.03, 0.03), 0.75, 0.97)),
+        dx=float(np.clip(prev.dx + rng.uniform(-0.04, 0.04), -0.15, 0.15)),
+        stride=float(rng.uniform(0.0, 1.0)),
+    )
+
+
 def _shade(colour: RGB, factor: float) -> RGB:
     return tuple(int(np.clip(c * factor, 0, 255)) for c in colour)
 
@@ -297,17 +309,39 @@ def render_crop(
         big, Image.Resampling.NEAREST
     )
     layer = Image.new("RGBA", big, (0, 0, 0, 0))
-    hp = pose.height * big[1]
+    height, top_at = _detector_box(style.crop, pose.height, rng)
+    hp = height * big[1]
     cx = big[0] * (0.5 + pose.dx)
     mirrored = pose.view == "side" and pose.facing_left
     if mirrored:
         cx = big[0] - cx
-    top = (big[1] - hp) * float(rng.uniform(0.2, 0.8))
+    top = (
+        (big[1] - hp) * top_at
+        if top_at is not None
+        else (big[1] - hp) * float(rng.uniform(0.2, 0.8))
+    )
     _draw_person(_Figure(ImageDraw.Draw(layer), cx, top, hp), ident, pose, rng)
     if mirrored:
         layer = layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     scene.paste(layer, (0, 0), layer)
-    if rng.random() < occlusion:
+    if rng.random() < (style.occlusion if style.occlusion >= 0 else occlusion):
         _draw_occluder(scene, rng)
     img = scene.reduce(SUPERSAMPLE)
-    return apply_camera(img, style, rng)
+    person = None
+    if style.backlight > 0:
+        alpha = layer.getchannel("A").reduce(SUPERSAMPLE)
+        person = np.asarray(alpha, dtype=np.float32) / 255.0
+    return apply_camera(img, style, rng, person)
+
+
+def _detector_box(crop: str, height: float, rng: np.random.Generator) -> tuple[float, float | None]:
+    """(figure height as a share of the crop, vertical placement or None = random) for a
+    camera's detector style: tight boxes clip head and feet, loose ones hold more scene,
+    truncated ones lose the legs at the frame's edge."""
+    if crop == "tight":
+        return height * float(rng.uniform(1.04, 1.12)), 0.5
+    if crop == "loose":
+        return height * float(rng.uniform(0.62, 0.75)), None
+    if crop == "truncated":
+        return height * float(rng.uniform(1.3, 1.5)), 0.05
+    return height, None

@@ -1,0 +1,95 @@
+"""v3 camera looks: what a per-camera colour gain cannot undo, v2 still selectable, tracklets."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.camera_norm import fit_camera_norm
+from sims.synth import SynthConfig, generate
+from sims.synth.cameras import LOOKS_V2, LOOKS_V3, make_camera_style
+
+TINY = dict(
+    identities=16,
+    source_identities=2,
+    cameras=8,
+    nodes=4,
+    images_per_camera=3,
+    source_cameras=1,
+    size=(64, 32),
+    cameras_per_identity=(3, 5),
+)
+
+
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("v3")
+    generate(SynthConfig(**TINY), out, workers=1)
+    return out
+
+
+def _records(root: Path) -> list[dict]:
+    return json.loads((root / "annotations.json").read_text())
+
+
+def _by_camera(root: Path) -> dict[str, list[np.ndarray]]:
+    cams = defaultdict(list)
+    for r in _records(root):
+        cams[r["camera"]].append(np.asarray(Image.open(root / r["file_path"]), np.float32))
+    return cams
+
+
+def test_every_v3_look_is_on_a_camera_and_v2_is_still_selectable(v3, tmp_path):
+    looks = {c: info["look"] for c, info in json.loads((v3 / "cameras.json").read_text()).items()}
+    assert {looks[f"c{i:02d}"] for i in range(1, 9)} == set(LOOKS_V3)
+    rng = np.random.default_rng(0)
+    assert make_camera_style("c01", 0, "strong", rng, "v2").look == next(iter(LOOKS_V2))
+    generate(SynthConfig(**{**TINY, "identities": 4, "looks": "v2"}), tmp_path / "v2", workers=1)
+    v2 = json.loads((tmp_path / "v2" / "cameras.json").read_text())
+    assert {v2[f"c{i:02d}"]["look"] for i in range(1, 9)} == set(LOOKS_V2)
+
+
+def test_night_mode_stays_monochrome_after_white_balance(v3):
+    looks = json.loads((v3 / "cameras.json").read_text())
+    night = next(c for c, i in looks.items() if i["look"] == "nir-night")
+    images = _by_camera(v3)[night]
+    norm = fit_camera_norm((night, im.astype(np.uint8)) for im in images)
+    fixed = [np.asarray(norm.apply(Image.fromarray(im.astype(np.uint8)), night), np.float32)
+             for im in images]  # fmt: skip
+    chroma = np.mean([np.abs(im - im.mean(axis=2, keepdims=True)).mean() for im in fixed])
+    assert chroma < 6.0  # no colour came back: the look is not a per-channel gain
+
+
+def test_spatial_looks_vary_across_the_frame(v3):
+    """Mixed light: left and right halves of one camera's crops have different casts."""
+    looks = json.loads((v3 / "cameras.json").read_text())
+    cam = next(c for c, i in looks.items() if i["look"] == "mixed-light")
+    ratios = []
+    for im in _by_camera(v3)[cam]:
+        left, right = im[:, :8].reshape(-1, 3).mean(0), im[:, -8:].reshape(-1, 3).mean(0)
+        ratios.append(
+            abs(np.log((left[0] + 1) / (left[2] + 1)) - np.log((right[0] + 1) / (right[2] + 1)))
+        )
+    assert np.median(ratios) > 0.3  # one gain per camera cannot fix both sides
+
+
+def test_a_visit_is_a_tracklet_of_crops_close_in_time_with_one_view(v3):
+    tracks = defaultdict(list)
+    for r in _records(v3):
+        if r["split"] != "source":
+            tracks[r["tracklet"]].append(r)
+    assert len(tracks) > 16
+    for crops in tracks.values():
+        assert len(crops) == TINY["images_per_camera"]
+        assert len({(c["id"], c["camera"], c["view"]) for c in crops}) == 1
+        stamps = sorted(c["timestamp_ms"] for c in crops)
+        assert stamps[-1] - stamps[0] < 5_000
+    per_person = defaultdict(set)
+    for t, crops in tracks.items():
+        per_person[crops[0]["id"]].add(t)
+    assert all(len(ts) >= TINY["cameras_per_identity"][0] for ts in per_person.values())
