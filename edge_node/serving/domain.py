@@ -86,3 +86,6 @@ class NodeStatus:
     embed_dim: int
     rejected_images: int
     reindex: ReindexState = field(default_factory=ReindexState)
+    # the active camera gains ("cn-..."), "none" before any camera has them, "" when
+    # [camera-norm] is off; index_version names them too, model_version never does
+    camera_norm_version: str = ""

@@ -18,6 +18,8 @@ picked up without a restart. Status `backend_note` names the refused adapter and
 
 `AdapterSwap` holds the decisions and bookkeeping of a swap (one at a time, refused
 candidates, progress); replacing the active generation itself is `Node.switch_adapter`.
+A camera-normalisation re-fit (`Node.check_camera_norm`) is the same swap with the same
+model and new gains: it takes the same lock and reports the same progress.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ from common.adapters import (
     latest_adapter,
     read_candidate,
 )
+from common.camera_norm import CameraNorm
 from common.errors import FedRetrieveError
 from edge_node.config import IndexSettings
 
 from .domain import ReindexState
-from .generation import BackendFactory, Generation
+from .generation import BackendFactory, Generation, index_version
 from .indexer import VectorIndex
 
 __all__ = [
@@ -117,9 +120,12 @@ class AdapterSwap:
         log.info("adapter %s changed since it was refused; trying it again", candidate.path)
         return True
 
-    def prepare(self, candidate: AdapterCandidate) -> Generation | None:
-        """A new generation (empty index) for `candidate`; None when its model is refused,
-        which is logged, remembered and shown in Status."""
+    def prepare(
+        self, candidate: AdapterCandidate, norm: CameraNorm | None = None
+    ) -> Generation | None:
+        """A new generation (empty index) for `candidate`, feeding it crops normalised with
+        `norm` (None: none); None when its model is refused, which is logged, remembered and
+        shown in Status."""
         stamp = files_stamp(candidate.path)  # before loading: a change during it means retry
         try:
             backend = self._factory(candidate.path)
@@ -128,5 +134,7 @@ class AdapterSwap:
             self.progress.refused(f"{candidate.path} (tried again when its files change): {err}")
             log.error("adapter %s refused: %s", candidate.path, err)
             return None
-        index = VectorIndex(backend.embed_dim, self._settings, backend.version)
-        return Generation(backend, index, candidate)
+        norm = norm or CameraNorm()
+        version = index_version(backend.version, norm)
+        index = VectorIndex(backend.embed_dim, self._settings, version)
+        return Generation(backend, index, candidate, norm)

@@ -167,8 +167,8 @@ class VectorIndex:
                 "saved_ms": int(time.time() * 1000),
                 **(extra or {}),
             }
-        _write_atomically(directory / INDEX_FILE, blob)
-        _write_atomically(directory / META_FILE, json.dumps(meta, indent=1).encode())
+        write_atomically(directory / INDEX_FILE, blob)
+        write_atomically(directory / META_FILE, json.dumps(meta, indent=1).encode())
 
     @classmethod
     def load(
@@ -205,7 +205,7 @@ class VectorIndex:
         return index
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """tmp + fsync + rename. The tmp name is this writer's own (pid and thread, as in
     `gallery.write_files_durably`), so two writers never share a half-written file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")

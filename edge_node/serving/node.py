@@ -3,8 +3,10 @@
 `Node` answers requests (search, ingest, thumbnail, status) against the active `Generation`
 (see `generation.py`: why a model and its index change together), and ties the rest
 together: `workers` (the threads and the embedder), `hotswap` (which adapter, refused ones,
-re-index progress) and `index_store` (the saved index, one save at a time). Replacing the
-active generation is the one thing only `Node` does: `switch_adapter`.
+re-index progress), `index_store` (the saved index, one save at a time) and, with
+`[camera-norm]`, `camera_stats` (the per-camera colour statistics). Replacing the active
+generation is the one thing only `Node` does, for a new adapter (`switch_adapter`) or for
+new camera gains (`check_camera_norm`), both through `_rebuild`.
 """
 
 from __future__ import annotations
@@ -15,16 +17,19 @@ import time
 
 import numpy as np
 
+from common.camera_norm import CameraNorm
 from common.errors import FedRetrieveError, InvalidQuery
 from edge_node.accel.backend import load_backend
 from edge_node.config import NodeConfig
 
+from .camera_stats import GalleryCameraStats, refit_due
 from .domain import EmbeddedImage, NodeStatus, SearchHit, SearchQuery, SearchResult, Thumbnail
 from .dropfolder import DropFolder
 from .gallery import Gallery, IngestItem, IngestOutcome
-from .generation import BackendFactory, Generation
+from .generation import BackendFactory, Generation, index_version
 from .hotswap import AdapterCandidate, AdapterSwap, latest_adapter
 from .index_store import IndexStore
+from .indexer import VectorIndex
 from .metrics import NodeMetrics
 from .validation import check_ingest, check_search
 from .workers import Embedder, Workers
@@ -44,15 +49,23 @@ class Node:
         generation: Generation,
         backend_factory: BackendFactory,
         metrics: NodeMetrics | None = None,
+        camera_stats: GalleryCameraStats | None = None,
     ) -> None:
         self.config = config
         self.gallery = gallery
         self.index_dir = config.data_dir / "index"
         self.metrics = metrics or NodeMetrics(config.node_id)
-        self._store = IndexStore(self.index_dir, config.index.save_interval_s)
-        self._active = generation  # replaced only by `switch_adapter`, holding the embed lock
+        if not config.camera_norm.enabled:
+            camera_stats = None
+        elif camera_stats is None:
+            camera_stats = GalleryCameraStats.load(self.index_dir, len(gallery))
+        self._camera_stats = camera_stats  # None: [camera-norm] off, no statistics kept
+        self._store = IndexStore(self.index_dir, config.index.save_interval_s, self._camera_stats)
+        self._active = generation  # replaced only by `_rebuild`, holding the embed lock
         self._workers = Workers(config.node_id)
-        self._embedder = Embedder(gallery, config.index.embed_batch_size, self._workers.stopping)
+        self._embedder = Embedder(
+            gallery, config.index.embed_batch_size, self._workers.stopping, self._camera_stats
+        )
         self._swap = AdapterSwap(backend_factory, config.index)
         gallery.add_listener(lambda _ids: self._embedder.wake())
         self._publish_version()
@@ -64,7 +77,9 @@ class Node:
         backend_factory: BackendFactory | None = None,
         metrics: NodeMetrics | None = None,
     ) -> Node:
-        """Open the gallery, load the model, and load (or plan to rebuild) the index."""
+        """Open the gallery, load the model, and load (or plan to rebuild) the index; with
+        `[camera-norm]`, also the camera statistics and the gains the saved index was built
+        with (a new index starts with the gains the statistics give now)."""
         factory = backend_factory or (
             lambda adapter: load_backend(config.backend, config.model, adapter, config.device)
         )
@@ -80,13 +95,25 @@ class Node:
                 raise
             log.error("adapter %s refused at start (%s); serving the base model", adapter.path, err)
             adapter, backend = None, factory(None)
-        index = store.load_or_new(config.index, backend.version, backend.embed_dim, gallery.ids())
+        stats, norm = None, CameraNorm()
+        if config.camera_norm.enabled:
+            stats = GalleryCameraStats.load(store.directory, len(gallery))
+            norm = store.saved_camera_norm()
+        index = None
+        if norm is not None:
+            version = index_version(backend.version, norm)
+            index = store.load(config.index, version, backend.embed_dim, gallery.ids())
+        if index is None:
+            norm = stats.norm(config.camera_norm.min_images) if stats else CameraNorm()
+            version = index_version(backend.version, norm)
+            index = VectorIndex(backend.embed_dim, config.index, version)
         missing = len(gallery) - len(index)
         log.info(
-            "node %s: %d images, %d indexed (%d to embed), model %s",
-            config.node_id, len(gallery), len(index), missing, backend.version,
+            "node %s: %d images, %d indexed (%d to embed), model %s, index %s",
+            config.node_id, len(gallery), len(index), missing, backend.version, index.version,
         )  # fmt: skip
-        return cls(config, gallery, Generation(backend, index, adapter), factory, metrics)
+        generation = Generation(backend, index, adapter, norm)
+        return cls(config, gallery, generation, factory, metrics, stats)
 
     # ------------------------------------------------------------------ requests
     @property
@@ -155,7 +182,8 @@ class Node:
         the vector leaves the node, the image does not."""
         rec = self.gallery.get(image_id)  # NotFound for an unknown id
         gen = self._active  # read once: a swap may replace it meanwhile
-        vector = gen.backend.encode_images([self.gallery.load_image(image_id)])[0]
+        crop = gen.norm.apply(self.gallery.load_image(image_id), rec.camera_id)
+        vector = gen.backend.encode_images([crop])[0]
         return EmbeddedImage(
             np.asarray(vector, dtype=np.float32), gen.version, rec.camera_id, rec.timestamp_ms
         )
@@ -178,6 +206,7 @@ class Node:
             embed_dim=gen.backend.embed_dim,
             rejected_images=self.gallery.rejected_count,
             reindex=r,
+            camera_norm_version=gen.norm.version if self._camera_stats is not None else "",
         )
 
     # ------------------------------------------------------------------ workers
@@ -188,6 +217,10 @@ class Node:
             self._workers.every(
                 "adapter-watcher", cfg.adapter_poll_s, self.check_adapter, "adapter watcher"
             )
+        if self._camera_stats is not None:
+            self._workers.every(
+                "camera-norm", cfg.adapter_poll_s, self.check_camera_norm, "camera gains check"
+            )
         if cfg.drop_dir is not None:
             drop = DropFolder(cfg.drop_dir, self.gallery, cfg.drop_settle_s)
             self._workers.every(
@@ -195,13 +228,17 @@ class Node:
             )
 
     def _embed_new(self) -> None:
-        """One embedder round: top up the active index, then save it when a save is due."""
+        """One embedder round: top up the active index, count a batch of indexed crops the
+        camera statistics lack (only after they were lost), then save when a save is due."""
         with self._embedder.lock:
             gen = self._active
             added = self._embedder.top_up(
                 gen, progress=lambda _n: self.metrics.indexed.set(len(gen.index))
             )
-        if self._store.note_added(added):
+        counted = self._embedder.count_indexed(gen, limit=8 * self.config.index.embed_batch_size)
+        if counted:
+            self._embedder.wake()  # more to count: next round at once, new crops first
+        if self._store.note_added(added + counted):
             self.save_index()
 
     def _scan(self, drop: DropFolder) -> None:
@@ -212,13 +249,15 @@ class Node:
             self.metrics.gallery_size.set(len(self.gallery))
 
     def wait_indexed(self, timeout: float = 60.0) -> bool:
-        """Block until every catalog image is in the active index (tests, bench)."""
+        """Block until every catalog image is in the active index and counted in the camera
+        statistics (tests, bench)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             gen = self._active
             if (
                 len(gen.index) + self._embedder.failed_count >= len(self.gallery)
                 and not self._swap.progress.running
+                and not self._embedder.stats_behind(gen)
             ):
                 return True
             self._embedder.wake()
@@ -240,12 +279,51 @@ class Node:
             return self._switch(candidate)
 
     def _switch(self, candidate: AdapterCandidate) -> bool:
-        new = self._swap.prepare(candidate)
+        gen = self._active  # the new model re-embeds everything: with the newest gains too
+        fitted = self._fitted_norm(gen)
+        new = self._swap.prepare(candidate, gen.norm if fitted is None else fitted)
         if new is None:
             return False
+        return self._rebuild(new)
+
+    # ------------------------------------------------------------------ camera gains re-fit
+    def check_camera_norm(self) -> bool:
+        """Re-fit the camera gains: when the statistics' gains differ from the active ones
+        (a camera reached `min-images`, or a gain drifted by more than `refit-change`),
+        re-embed the gallery with them off to the side and swap, as for an adapter; True if
+        swapped. Run on a timer (`adapter-poll-s`), never per ingest."""
+        if self._camera_stats is None:
+            return False
+        with self._swap.lock:
+            gen = self._active
+            fitted = self._fitted_norm(gen)
+            if fitted is None or not refit_due(
+                gen.norm, fitted, self.config.camera_norm.refit_change
+            ):
+                return False
+            log.info(
+                "camera gains %s -> %s (largest change %.3f, cameras with gains: %s)",
+                gen.norm.version, fitted.version, gen.norm.max_change(fitted),
+                ", ".join(sorted(fitted.gains)) or "none",
+            )  # fmt: skip
+            version = index_version(gen.version, fitted)
+            index = VectorIndex(gen.backend.embed_dim, self.config.index, version)
+            return self._rebuild(Generation(gen.backend, index, gen.adapter, fitted))
+
+    def _fitted_norm(self, gen: Generation) -> CameraNorm | None:
+        """The gains the camera statistics give now; None without `[camera-norm]`, or while
+        the statistics are still being recomputed (they lack crops `gen` holds)."""
+        if self._camera_stats is None or self._embedder.stats_behind(gen):
+            return None
+        return self._camera_stats.norm(self.config.camera_norm.min_images)
+
+    # ------------------------------------------------------------------ the swap itself
+    def _rebuild(self, new: Generation) -> bool:
+        """Embed the gallery into `new` (empty) off to the side, catch up, then make it the
+        active generation in one assignment; called with the swap lock held."""
         progress = self._swap.progress
-        log.info("re-indexing %d images for %s", len(self.gallery), new.version)
-        progress.begin(len(self.gallery), new.version)
+        log.info("re-indexing %d images for %s", len(self.gallery), new.index.version)
+        progress.begin(len(self.gallery), new.index.version)
         self.metrics.reindex_total.set(len(self.gallery))
 
         def count(n: int) -> None:
@@ -257,7 +335,7 @@ class Node:
             with self._embedder.lock:  # catch up with images ingested meanwhile, then swap
                 self._embedder.top_up(new, progress=count)
                 if self._workers.stopping.is_set():
-                    log.info("shutdown during re-index; keeping %s", self._active.version)
+                    log.info("shutdown during re-index; keeping %s", self._active.index.version)
                     return False
                 old, self._active = self._active, new
         finally:
@@ -267,7 +345,7 @@ class Node:
         self.save_index()
         log.info(
             "swapped %s -> %s (%d images re-embedded in %.1fs)",
-            old.version, new.version, len(new.index), time.perf_counter() - t0,
+            old.index.version, new.index.version, len(new.index), time.perf_counter() - t0,
         )  # fmt: skip
         return True
 

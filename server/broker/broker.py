@@ -381,6 +381,7 @@ class Broker:
                 camera_ids=list(s.cameras or ()),
                 indexed_size=s.indexed_size,
                 adapter_version=s.adapter_version,
+                camera_norm_version=s.camera_norm_version,
                 reindex_running=s.reindex[0],
                 reindex_done=s.reindex[1],
                 reindex_total=s.reindex[2],

@@ -87,6 +87,7 @@ class NodeState:
     cameras: tuple[str, ...] | None = None  # from Status; None: not known yet
     indexed_size: int = 0  # the rest from Status too, for the operator's fleet view
     adapter_version: str = ""
+    camera_norm_version: str = ""  # "" = the node does not normalise cameras
     reindex: tuple[bool, int, int] = (False, 0, 0)  # running, done, total
 
 
@@ -207,6 +208,7 @@ class NodeRegistry:
                 node.state.model_version = node_status.model_version
                 node.state.indexed_size = int(node_status.indexed_size)
                 node.state.adapter_version = node_status.adapter_version
+                node.state.camera_norm_version = node_status.camera_norm_version
                 r = node_status.reindex
                 node.state.reindex = (bool(r.running), int(r.done), int(r.total))
                 cameras = tuple(node_status.camera_ids)

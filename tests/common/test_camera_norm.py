@@ -45,9 +45,10 @@ def test_running_statistics_equal_a_fit_over_everything_and_round_trip():
     assert CameraStats.from_dict(stats.to_dict()).norm() == stats.norm()
     norm = stats.norm()
     assert CameraNorm.from_dict(norm.to_dict()) == norm
-    assert norm.version.startswith("cn-") and norm.version == CameraNorm.from_dict(
-        norm.to_dict()
-    ).version
+    assert (
+        norm.version.startswith("cn-")
+        and norm.version == CameraNorm.from_dict(norm.to_dict()).version
+    )
     assert early.version != norm.version or early.max_change(norm) < 1e-3
     assert CameraNorm().version == "none"
 

@@ -19,9 +19,10 @@ def test_example_file_loads_with_documented_values():
     assert config.adapter_dir == Path("/var/lib/fedretrieve/adapters")
     assert isinstance(config.adapter_poll_s, float)
     text = EXAMPLE.read_text()
-    for section in (config, config.index, config.auth, config.limits):  # every field documented
+    sections = (config, config.index, config.camera_norm, config.auth, config.limits)
+    for section in sections:  # every field documented
         for name in section.__dataclass_fields__:
-            if name not in ("index", "auth", "limits"):
+            if name not in ("index", "camera_norm", "auth", "limits"):
                 assert f"\n{name.replace('_', '-')} = " in text, name
 
 
@@ -48,6 +49,10 @@ BAD = {
     "cert without key": ({"auth": {"tls-cert": "cert.pem"}}, "tls-cert"),
     "missing token file": ({"auth": {"token-file": "nope"}}, "token-file"),
     "negative grace": ({"grace-s": -1}, "grace-s"),
+    "camera-norm enabled not bool": ({"camera-norm": {"enabled": 1}}, "camera-norm.enabled"),
+    "zero min-images": ({"camera-norm": {"min-images": 0}}, "[camera-norm] min-images"),
+    "refit-change of 1": ({"camera-norm": {"refit-change": 1.0}}, "[camera-norm] refit-change"),
+    "unknown camera-norm key": ({"camera-norm": {"min-image": 5}}, "unknown key(s) min-image"),
 }
 
 

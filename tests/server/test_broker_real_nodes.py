@@ -6,7 +6,9 @@ galleries, computed offline with the same model on the same images.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import time
 
 import faiss
 import grpc
@@ -51,13 +53,20 @@ def crop(seed: int) -> bytes:
 @pytest.fixture
 def real_nodes(tmp_path):
     """Three real node daemons, 8 + 6 + 7 images, tiny model, token auth."""
+    with _serve_nodes(tmp_path, (("north", 8), ("south", 6), ("east", 7))) as galleries:
+        yield galleries
+
+
+@contextlib.contextmanager
+def _serve_nodes(tmp_path, sizes, **node_options):
     from edge_node.config import AuthSettings, IndexSettings, NodeConfig
     from edge_node.serving.daemon import create_server, shutdown
 
     started, galleries = [], {}
     seed = 0
-    for node_id, n in (("north", 8), ("south", 6), ("east", 7)):
+    for node_id, n in sizes:
         config = NodeConfig(
+            **node_options,
             node_id=node_id,
             data_dir=tmp_path / node_id,
             listen="127.0.0.1:0",
@@ -167,6 +176,7 @@ def test_filters_and_thumbnails_through_real_nodes(real_nodes, tiny_model, start
     assert sorted(n.gallery_size for n in status.nodes) == [6, 7, 8]
     assert sorted(n.indexed_size for n in status.nodes) == [6, 7, 8]  # all embedded
     assert all(not n.reindex_running and n.adapter_version == "" for n in status.nodes)
+    assert all(n.camera_norm_version == "" for n in status.nodes)  # the option is off
     assert {n.node_id: list(n.camera_ids) for n in status.nodes}["south"] == [
         "south-cam0",
         "south-cam1",
@@ -222,3 +232,23 @@ def test_find_similar_names_an_unknown_image_or_node(real_nodes, tiny_model, sta
             timeout=30,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "`k`" in err.value.details()
+
+
+def test_the_broker_reports_each_nodes_camera_normalisation(tmp_path, tiny_model, start_broker):
+    """What a node serves includes its colour gains: the fleet view must name them."""
+    from edge_node.config import CameraNormSettings
+
+    norm = CameraNormSettings(enabled=True, min_images=1)  # gains from the first crop on
+    with _serve_nodes(tmp_path, (("west", 4),), camera_norm=norm, adapter_poll_s=0.1) as nodes:
+        config = broker_config({"west": nodes["west"][0]}, NODE_TOKEN)
+        handle = start_broker(config, encoder=tiny_model)
+        deadline = time.monotonic() + 30  # the node re-fits on its watcher's timer
+        while True:
+            handle.broker.registry.check_all()
+            request = broker_pb2.BrokerStatusRequest()
+            (node,) = handle.stub.Status(request, metadata=AUTH, timeout=10).nodes
+            if node.camera_norm_version != "none" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert node.camera_norm_version.startswith("cn-")
+    assert node.gallery_size == node.indexed_size == 4
