@@ -145,7 +145,9 @@ def make_camera_style(
         return neutral + strength * (full - neutral)
 
     def lerp_rgb(field: str) -> tuple[float, float, float]:
-        rgb = params.get(field, (1.0, 1.0, 1.0))
+        if field not in params:  # exactly neutral: a jittered (1, 1, 1) is a light too
+            return (1.0, 1.0, 1.0)
+        rgb = params[field]
         return tuple(1.0 + strength * (c * float(rng.uniform(0.95, 1.05)) - 1.0) for c in rgb)
 
     kind = BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]

@@ -65,6 +65,18 @@ def test_night_mode_stays_monochrome_after_white_balance(v3):
     assert chroma < 6.0  # no colour came back: the look is not a per-channel gain
 
 
+def test_a_look_without_a_second_light_has_exactly_none():
+    """A jittered neutral split light divided half of every frame by its own cast (a bug
+    found by measuring: sodium-mono's crops were half uncorrected)."""
+    for i, look in enumerate(LOOKS_V3):
+        style = make_camera_style(f"c{i:02d}", i, "strong", np.random.default_rng(i))
+        assert style.look == look
+        if "split_cast" not in LOOKS_V3[look]:
+            assert style.split_cast == (1.0, 1.0, 1.0)
+        if "cast" not in LOOKS_V3[look]:
+            assert style.cast == (1.0, 1.0, 1.0)
+
+
 def test_spatial_looks_vary_across_the_frame(v3):
     """Mixed light: left and right halves of one camera's crops have different casts."""
     looks = json.loads((v3 / "cameras.json").read_text())
