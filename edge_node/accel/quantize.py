@@ -71,8 +71,7 @@ def quantize_dynamic_graph(src: Path, dst: Path, *, keep_reducing: bool = True) 
     0.978 all int8, 0.999 with `image_proj` float)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    keep = reducing_matmuls(src) if keep_reducing else []
-    keep += [n for n in head_matmuls(src) if n not in keep]
+    keep = float_matmuls(src, keep_reducing=keep_reducing)
     with _quiet_root_info():
         quantize_dynamic(
             str(src),
@@ -85,39 +84,34 @@ def quantize_dynamic_graph(src: Path, dst: Path, *, keep_reducing: bool = True) 
     return keep
 
 
-def head_matmuls(graph: Path) -> list[str]:
-    """The projection head's MatMul/Gemm nodes (`image_proj`, `text_proj` in our export)."""
-    import onnx
-
-    model = onnx.load(str(graph))
-    return [
-        n.name
-        for n in model.graph.node
-        if n.op_type in ("MatMul", "Gemm") and n.name.startswith(("/image_proj/", "/text_proj/"))
-    ]
-
-
-def reducing_matmuls(graph: Path) -> list[str]:
-    """MatMul/Gemm nodes whose weight maps more inputs to fewer outputs (FFN
-    down-projections, output projections)."""
+def float_matmuls(graph: Path, *, keep_reducing: bool) -> list[str]:
+    """MatMul/Gemm nodes to keep float: the projection head (`image_proj`, `text_proj` in
+    our export) always, and with `keep_reducing` every one whose weight maps more inputs
+    to fewer outputs (FFN down-projections, output projections)."""
     import onnx
 
     model = onnx.load(str(graph))
     weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    names = []
-    for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
-            continue
-        dims = weights.get(node.input[1])
-        if dims is None or len(dims) != 2:
-            continue
-        transposed = node.op_type == "Gemm" and any(
-            a.name == "transB" and a.i == 1 for a in node.attribute
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type in ("MatMul", "Gemm")
+        and (
+            node.name.startswith(("/image_proj/", "/text_proj/"))
+            or (keep_reducing and _reduces_width(node, weights))
         )
-        n_in, n_out = (dims[1], dims[0]) if transposed else dims
-        if n_in > n_out:
-            names.append(node.name)
-    return names
+    ]
+
+
+def _reduces_width(node, weights: dict[str, tuple[int, ...]]) -> bool:
+    dims = weights.get(node.input[1]) if len(node.input) >= 2 else None
+    if dims is None or len(dims) != 2:
+        return False
+    transposed = node.op_type == "Gemm" and any(
+        a.name == "transB" and a.i == 1 for a in node.attribute
+    )
+    n_in, n_out = (dims[1], dims[0]) if transposed else dims
+    return n_in > n_out
 
 
 def quantize_static_graph(

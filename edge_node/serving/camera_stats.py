@@ -39,9 +39,8 @@ STATS_FILE = "camera_stats.json"
 def refit_due(active: CameraNorm, fitted: CameraNorm, refit_change: float) -> bool:
     """Whether `fitted` (from the current statistics) should replace the `active` gains:
     a camera gained or lost gains (reached `min-images`), or one drifted by more than
-    `refit_change` (relative, `CameraNorm.max_change`)."""
-    if set(active.gains) != set(fitted.gains):
-        return True
+    `refit_change` (relative, `CameraNorm.max_change`, which is 1.0 for a camera only one
+    of them has; `refit-change` is below 1)."""
     return active.max_change(fitted) > refit_change
 
 

@@ -120,8 +120,6 @@ LOOKS_V3: dict[str, dict] = {
     ),
 }
 LOOK_SETS = {"v2": LOOKS_V2, "v3": LOOKS_V3}
-LOOKS = LOOKS_V3
-CROP_STYLES = ("normal", "tight", "loose", "truncated")
 
 _NEUTRAL = CameraStyle(camera_id="", look="neutral")
 
