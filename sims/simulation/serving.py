@@ -3,9 +3,10 @@
 Each node is a separate `fedretrieve node serve` process with its own TOML file, data dir
 and gallery (that node's test images, ingested over the Ingest RPC). The final global
 adapter reaches the nodes the way it does in deployment: it is copied atomically into
-each node's watched adapter dir and the daemons hot-swap it. Then every test caption is
-sent through the broker, and the metrics of the merged answers are compared with the
-offline metrics of the same model on the union gallery.
+each node's watched adapter dir and the daemons hot-swap it. Then the test captions (all,
+or `max_queries` spread over the split) are sent through the broker, and the metrics of the
+merged answers are compared with the offline metrics of the same model on the union
+gallery for the same queries.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def run_serving(
     settings: ServingSettings,
     progress: bool = True,
 ) -> ServingResult:
-    """Start the nodes and the broker, swap in the adapter, run every test caption."""
+    """Start the nodes and the broker, swap in the adapter, run the test captions."""
     from server.broker.config import BrokerConfig, NodeEntry
     from server.broker.daemon import create_server, stop_server
     from server.operator.client import BrokerClient
@@ -190,9 +191,7 @@ def run_serving(
         if broker.model_version != expected_version:
             raise Unavailable(f"broker runs {broker.model_version}, nodes {expected_version}")
         emb = offline_embeddings
-        queries = list(range(len(emb.query_texts)))
-        if settings.max_queries:
-            queries = queries[: settings.max_queries]
+        queries = spread_queries(len(emb.query_texts), settings.max_queries)
         # thousands of queries: keep the broker's per-query log lines out of the terminal
         broker_log = logging.getLogger("server.broker.broker")
         level = broker_log.level
@@ -222,6 +221,16 @@ def run_serving(
             stop_server(server, broker)
         for node in nodes:
             node.stop()
+
+
+def spread_queries(total: int, limit: int) -> list[int]:
+    """`limit` query indices evenly spaced over `total` (all of them when `limit` is 0 or
+    not smaller): captions come grouped by camera and person, so the first `limit` would
+    measure a few cameras only."""
+    if not 0 < limit < total:
+        return list(range(total))
+    step = total / limit
+    return [int(i * step) for i in range(limit)]
 
 
 def _indexed(node: NodeProcess, expected: int) -> bool:

@@ -6,12 +6,15 @@ difference is what federated fine-tuning has to absorb. Each target camera gets 
 eight "looks", scaled by the shift level; the `source` cameras all use the neutral look,
 which is what the base model sees.
 
-Two sets of looks: `v2` (LOOKS_V2) is strong coloured light, which is mostly a per-channel
+Three sets of looks: `v2` (LOOKS_V2) is strong coloured light, which is mostly a per-channel
 gain that a per-camera gray-world white balance removes without any learning (DESIGN.md
-section 9). `v3` (LOOKS_V3, the default) is built from CCTV failure modes that no global
-per-camera colour transform undoes: near-infrared night mode, light that changes colour
-across the frame, vignetting, hard shadows, backlight, glare, overhead foreshortening,
-motion blur, blocky low resolution, and per-camera detector crop styles and occlusion.
+section 9). `v3` (LOOKS_V3) is built from CCTV failure modes that no global per-camera colour
+transform undoes: near-infrared night mode, light that changes colour across the frame,
+vignetting, hard shadows, backlight, glare, overhead foreshortening, motion blur, blocky low
+resolution, and per-camera detector crop styles and occlusion; most of them destroy what a
+model would need, so fine-tuning gains little on it. `v4` (LOOKS_V4, the default) keeps what
+was learnable: two roughly complementary lights across every frame plus the camera's
+exposure curve, which neither a per-camera nor a per-image gray-world gain undoes.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ class CameraStyle:
     bg_colours: tuple[tuple[int, int, int], ...] = ()
     # v3: effects a per-camera colour gain cannot undo (0 / neutral = off)
     nir: float = 0.0  # blend to near-infrared monochrome (dyes look alike, skin glows)
-    split_cast: tuple[float, float, float] = (1.0, 1.0, 1.0)  # the other light, across x
+    split_cast: tuple[float, float, float] = (1.0, 1.0, 1.0)  # the other light, across the frame
+    split_axis: str = "x"  # its edge runs across x (a light at the side) or y (from above)
     vignette: float = 0.0  # radial fall-off strength (an IR illuminator's hot spot)
     shadow: float = 0.0  # darkness of a hard shadow band crossing the crop
     backlight: float = 0.0  # person darkened, background washed out (an entrance door)
@@ -119,13 +123,74 @@ LOOKS_V3: dict[str, dict] = {
         haze=0.3, gamma=0.65, glare=0.6, shadow=0.5, occlusion=0.6, noise=4, jpeg_quality=80
     ),
 }
-LOOK_SETS = {"v2": LOOKS_V2, "v3": LOOKS_V3}
+# v4: two lights across every frame plus the camera's exposure curve. Mixed lighting is the
+# norm in a street at night (a sodium lamp on one side, a shop's LED sign on the other): a
+# jacket's colour depends on where in the frame it is, and on which way the person walks.
+# The two lights of a camera are roughly complementary, so its mean colour is near grey and
+# a per-camera (or per-image) gray-world gain has almost nothing to correct; the exposure
+# curve (a night exposure crushing the shadows, gamma > 1, or a wide-dynamic-range / dirty
+# dome washing everything out, haze and gamma < 1) is not a gain at all. Neither destroys
+# information, so a model that sees these cameras can learn them (docs/benchmark.md).
+_TWO_LIGHTS = dict(noise=4, jpeg_quality=80)
+LOOKS_V4: dict[str, dict] = {
+    # a sodium street lamp on one side, a cool LED shop sign on the other; underexposed
+    "sodium-and-led-street": dict(
+        cast=(1.0, 0.6, 0.2), split_cast=(0.24, 0.62, 1.0), gamma=1.6, **_TWO_LIGHTS
+    ),
+    # blue loading-bay flood lights, a warm doorway light from above; washed-out WDR
+    "loading-bay-door": dict(
+        cast=(0.3, 0.6, 1.0),
+        split_cast=(1.0, 0.68, 0.26),
+        split_axis="y",
+        haze=0.25,
+        gamma=0.6,
+        **_TWO_LIGHTS,
+    ),
+    # green fluorescent car-park tubes beside a magenta advertising panel; washed out
+    "car-park-billboard": dict(
+        cast=(0.45, 1.0, 0.35), split_cast=(0.89, 0.28, 1.0), haze=0.25, gamma=0.6, **_TWO_LIGHTS
+    ),
+    # a stuck IR-cut filter (magenta) under a green exit sign above; dark
+    "stuck-ir-cut-exit-sign": dict(
+        cast=(1.0, 0.3, 0.9),
+        split_cast=(0.26, 1.0, 0.37),
+        split_axis="y",
+        gamma=1.7,
+        **_TWO_LIGHTS,
+    ),
+    # a shop window's tungsten light and the blue street outside; very dark
+    "shop-window-street": dict(
+        cast=(1.0, 0.75, 0.35), split_cast=(0.28, 0.56, 1.0), gamma=1.8, **_TWO_LIGHTS
+    ),
+    # a cheap cyan LED camera under a red neon sign above; hazy dome
+    "neon-underpass": dict(
+        cast=(0.25, 0.9, 1.0),
+        split_cast=(1.0, 0.35, 0.25),
+        split_axis="y",
+        haze=0.3,
+        gamma=0.55,
+        **_TWO_LIGHTS,
+    ),
+    # amber security lighting beside a blue LED gate light; hazy and dark
+    "amber-gate": dict(
+        cast=(1.0, 0.85, 0.1), split_cast=(0.22, 0.35, 1.0), haze=0.3, gamma=1.5, **_TWO_LIGHTS
+    ),
+    # violet venue LEDs with green stage light from above; dark
+    "venue-entrance": dict(
+        cast=(0.6, 0.3, 1.0),
+        split_cast=(0.68, 1.0, 0.26),
+        split_axis="y",
+        gamma=1.4,
+        **_TWO_LIGHTS,
+    ),
+}
+LOOK_SETS = {"v2": LOOKS_V2, "v3": LOOKS_V3, "v4": LOOKS_V4}
 
 _NEUTRAL = CameraStyle(camera_id="", look="neutral")
 
 
 def make_camera_style(
-    camera_id: str, index: int, shift: str, rng: np.random.Generator, looks: str = "v3"
+    camera_id: str, index: int, shift: str, rng: np.random.Generator, looks: str = "v4"
 ) -> CameraStyle:
     """Camera `index` gets look `index % 8` of set `looks`, jittered by `rng`, scaled by the
     shift level."""
@@ -162,6 +227,7 @@ def make_camera_style(
         v3 = dict(
             nir=min(1.0, lerp("nir")),
             split_cast=lerp_rgb("split_cast"),
+            split_axis=params.get("split_axis", "x"),
             vignette=lerp("vignette"),
             shadow=min(0.9, lerp("shadow")),
             backlight=min(0.9, lerp("backlight")),
@@ -273,7 +339,7 @@ def apply_camera(
     gain = style.gain * float(rng.uniform(0.9, 1.1))
     x = x * (gain * np.asarray(style.cast, np.float32))
     if style.split_cast != (1.0, 1.0, 1.0):
-        x = x * _split_light(style, rng, w)
+        x = x * _split_light(style.cast, style.split_cast, style.split_axis, rng, w, h)
     if style.nir > 0:
         grey = x @ np.array([0.4, 0.4, 0.2], np.float32)
         glow = 0.25 + 0.75 * np.clip(grey, 0, 1) ** 0.7  # dark dyes reflect NIR: little contrast
@@ -319,17 +385,24 @@ def _scene_light(
     return x
 
 
-def _split_light(style: CameraStyle, rng: np.random.Generator, w: int) -> np.ndarray:
-    """Per-column multiplier turning `cast` into `split_cast` across a soft, moving edge."""
+def _split_light(
+    cast: tuple[float, float, float],
+    second: tuple[float, float, float],
+    axis: str,
+    rng: np.random.Generator,
+    w: int,
+    h: int,
+) -> np.ndarray:
+    """Multiplier turning `cast` into `second` across a soft, moving edge along `axis`."""
     edge, soft = float(rng.uniform(0.3, 0.7)), float(rng.uniform(0.08, 0.2))
-    u = (np.arange(w, dtype=np.float32) + 0.5) / w
+    n = w if axis == "x" else h
+    u = (np.arange(n, dtype=np.float32) + 0.5) / n
     t = 1.0 / (1.0 + np.exp(-(u - edge) / soft))
     if rng.random() < 0.5:
         t = 1.0 - t
-    ratio = np.asarray(style.split_cast, np.float32) / np.maximum(
-        np.asarray(style.cast, np.float32), 1e-3
-    )
-    return (1.0 - t)[None, :, None] + t[None, :, None] * ratio[None, None, :]
+    ratio = np.asarray(second, np.float32) / np.maximum(np.asarray(cast, np.float32), 1e-3)
+    m = (1.0 - t)[:, None] + t[:, None] * ratio[None, :]
+    return m[None, :, :] if axis == "x" else m[:, None, :]
 
 
 def _foreshorten(

@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from sims.synth.cameras import LOOK_SETS
+
 DEFAULT_CACHE = "~/.cache/fedretrieve"
 
 
@@ -35,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=_size, default=d.size, help="crop size HxW (default 128x64)")
     p.add_argument("--shift", choices=("none", "mild", "strong"), default=d.shift,
                    help="per-camera appearance shift")  # fmt: skip
-    p.add_argument("--looks", choices=("v3", "v2"), default=d.looks,
+    p.add_argument("--looks", choices=sorted(LOOK_SETS), default=d.looks,
                    help="camera look set: v3 CCTV failure modes, v2 coloured light")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=None, help="render processes (default: CPUs)")

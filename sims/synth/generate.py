@@ -37,8 +37,10 @@ log = logging.getLogger(__name__)
 # Bump when the same SynthConfig would render different bytes (looks, renderer, captions):
 # cached datasets are keyed by it, so a stale one is never reused.
 # 2: learnable coloured-light camera looks; 3: CCTV failure modes no colour gain undoes
-# (`looks = "v3"`, v2's looks still selectable), crops of one visit form a tracklet
-GENERATOR_VERSION = 3
+# (`looks = "v3"`, v2's looks still selectable), crops of one visit form a tracklet;
+# 4: two lights across every frame and the camera's exposure curve (`looks = "v4"`, the
+# default: v3 destroyed too much to be learnable, docs/benchmark.md)
+GENERATOR_VERSION = 4
 BASE_TIME_MS = 1_714_550_400_000  # 2024-05-01T08:00:00Z: all timestamps are after this
 # Seed purposes: each draws from its own stream, so adding one never shifts the others.
 _PLAN, _CAMERA, _IDENTITY, _POSE, _CAPTION, _RENDER = range(6)
@@ -62,7 +64,8 @@ class SynthConfig:
     cameras_per_identity: tuple[int, int] = (2, 5)
     occlusion: float = 0.25  # probability of an occluder per crop
     partial_captions: float = 0.35  # probability that a caption covers only 2-3 attributes
-    looks: str = "v3"  # camera look set: v3 (CCTV failure modes) or v2 (coloured light)
+    looks: str = "v4"  # camera look set: v4 (two lights + exposure), v3 (CCTV failure
+    # modes), v2 (one coloured light); sims/synth/cameras.py
 
     def __post_init__(self) -> None:
         if self.identities < 2:

@@ -43,8 +43,8 @@ def measure_headroom(
     data_dir: str | Path,
     base_model: str | Path,
     *,
-    epochs: int = 5,
-    lr: float = 2e-3,
+    epochs: int = 8,
+    lr: float = 4e-3,
     holdout: float = 0.15,
     seed: int = 0,
     per_camera: bool = True,
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--model", required=True, help="base model dir (fedretrieve pretrain)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)

@@ -1,4 +1,5 @@
-"""v3 camera looks: what a per-camera colour gain cannot undo, v2 still selectable, tracklets."""
+"""Camera looks: what a per-camera colour gain cannot undo (v4 default, v3), v2 still
+selectable, tracklets."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from PIL import Image
 
 from common.camera_norm import fit_camera_norm
 from sims.synth import SynthConfig, generate
-from sims.synth.cameras import LOOKS_V2, LOOKS_V3, make_camera_style
+from sims.synth.cameras import LOOKS_V2, LOOKS_V3, LOOKS_V4, make_camera_style
 
 TINY = dict(
     identities=16,
@@ -27,9 +28,16 @@ TINY = dict(
 
 
 @pytest.fixture(scope="module")
+def v4(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("v4")
+    generate(SynthConfig(**TINY), out, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
 def v3(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("v3")
-    generate(SynthConfig(**TINY), out, workers=1)
+    generate(SynthConfig(**{**TINY, "looks": "v3"}), out, workers=1)
     return out
 
 
@@ -44,9 +52,13 @@ def _by_camera(root: Path) -> dict[str, list[np.ndarray]]:
     return cams
 
 
-def test_every_v3_look_is_on_a_camera_and_v2_is_still_selectable(v3, tmp_path):
-    looks = {c: info["look"] for c, info in json.loads((v3 / "cameras.json").read_text()).items()}
-    assert {looks[f"c{i:02d}"] for i in range(1, 9)} == set(LOOKS_V3)
+def _looks(root: Path) -> dict[str, str]:
+    return {c: info["look"] for c, info in json.loads((root / "cameras.json").read_text()).items()}
+
+
+def test_every_look_is_on_a_camera_and_v2_is_still_selectable(v4, v3, tmp_path):
+    assert {_looks(v4)[f"c{i:02d}"] for i in range(1, 9)} == set(LOOKS_V4)
+    assert {_looks(v3)[f"c{i:02d}"] for i in range(1, 9)} == set(LOOKS_V3)
     rng = np.random.default_rng(0)
     assert make_camera_style("c01", 0, "strong", rng, "v2").look == next(iter(LOOKS_V2))
     generate(SynthConfig(**{**TINY, "identities": 4, "looks": "v2"}), tmp_path / "v2", workers=1)
@@ -69,7 +81,7 @@ def test_a_look_without_a_second_light_has_exactly_none():
     """A jittered neutral split light divided half of every frame by its own cast (a bug
     found by measuring: sodium-mono's crops were half uncorrected)."""
     for i, look in enumerate(LOOKS_V3):
-        style = make_camera_style(f"c{i:02d}", i, "strong", np.random.default_rng(i))
+        style = make_camera_style(f"c{i:02d}", i, "strong", np.random.default_rng(i), "v3")
         assert style.look == look
         if "split_cast" not in LOOKS_V3[look]:
             assert style.split_cast == (1.0, 1.0, 1.0)
@@ -90,9 +102,9 @@ def test_spatial_looks_vary_across_the_frame(v3):
     assert np.median(ratios) > 0.3  # one gain per camera cannot fix both sides
 
 
-def test_a_visit_is_a_tracklet_of_crops_close_in_time_with_one_view(v3):
+def test_a_visit_is_a_tracklet_of_crops_close_in_time_with_one_view(v4):
     tracks = defaultdict(list)
-    for r in _records(v3):
+    for r in _records(v4):
         if r["split"] != "source":
             tracks[r["tracklet"]].append(r)
     assert len(tracks) > 16
@@ -105,3 +117,42 @@ def test_a_visit_is_a_tracklet_of_crops_close_in_time_with_one_view(v3):
     for t, crops in tracks.items():
         per_person[crops[0]["id"]].add(t)
     assert all(len(ts) >= TINY["cameras_per_identity"][0] for ts in per_person.values())
+
+
+def _side_difference(im: np.ndarray, axis: str) -> float:
+    """How far apart the light colours of two opposite edges are: the L2 distance of their
+    log-chromaticities (8 px strips across x, 16 px across y)."""
+    a, b = (im[:, :8], im[:, -8:]) if axis == "x" else (im[:16], im[-16:])
+    chroma = [np.log(e.reshape(-1, 3).mean(0) + 1.0) for e in (a, b)]
+    chroma = [c - c.mean() for c in chroma]
+    return float(np.linalg.norm(chroma[0] - chroma[1]))
+
+
+def test_v4_two_lights_survive_gray_world_per_camera_and_per_image(v4, tmp_path):
+    """The two lights of every v4 camera stay apart after the camera's gray-world gains and
+    after each image's own; v2's one light does not (the contrast that makes the check
+    mean something). The shift is not a gain, so normalisation cannot explain a learned
+    gain on it."""
+    generate(SynthConfig(**{**TINY, "identities": 8, "looks": "v2"}), tmp_path, workers=1)
+    for root, lo, hi in ((v4, 0.3, np.inf), (tmp_path, 0.0, 0.15)):
+        for cam, look in _looks(root).items():
+            if cam.startswith("s"):
+                continue
+            axis = LOOKS_V4.get(look, {}).get("split_axis", "x")
+            images = [im.astype(np.uint8) for im in _by_camera(root)[cam]]
+            norm = fit_camera_norm((cam, im) for im in images)
+            fixed = {"camera": [norm.apply(Image.fromarray(im), cam) for im in images]}
+            fixed["image"] = [
+                fit_camera_norm([("self", im)]).apply(Image.fromarray(im), "self") for im in images
+            ]
+            for how, ims in fixed.items():
+                d = np.median([_side_difference(np.asarray(i, np.float32), axis) for i in ims])
+                assert lo < d < hi, f"{look} after per-{how} gray-world: {d:.2f}"
+
+
+def test_v4_exposure_curves_are_not_gains():
+    """Every v4 camera has an exposure curve (gamma and/or haze) besides its two lights."""
+    for i, look in enumerate(LOOKS_V4):
+        style = make_camera_style(f"c{i:02d}", i, "strong", np.random.default_rng(i), "v4")
+        assert style.look == look and style.split_cast != (1.0, 1.0, 1.0)
+        assert abs(style.gamma - 1.0) > 0.3 or style.haze > 0.2
