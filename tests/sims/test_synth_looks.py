@@ -130,9 +130,11 @@ def _side_difference(im: np.ndarray, axis: str) -> float:
 
 def test_v4_two_lights_survive_gray_world_per_camera_and_per_image(v4, tmp_path):
     """The two lights of every v4 camera stay apart after the camera's gray-world gains and
-    after each image's own; v2's one light does not (the contrast that makes the check
-    mean something). The shift is not a gain, so normalisation cannot explain a learned
-    gain on it."""
+    after each image's own; v2's one light has no such difference to begin with. The
+    distance between two log-chromaticities of one frame does not change under any gain
+    applied to the whole frame (the log of the gain cancels), so this checks that every v4
+    frame carries a colour difference that no white balance, per camera or per image, can
+    remove, and that the uint8 clipping of the normalised images does not blur it."""
     generate(SynthConfig(**{**TINY, "identities": 8, "looks": "v2"}), tmp_path, workers=1)
     for root, lo, hi in ((v4, 0.3, np.inf), (tmp_path, 0.0, 0.15)):
         for cam, look in _looks(root).items():
