@@ -123,6 +123,8 @@ LOOKS_V3: dict[str, dict] = {
         haze=0.3, gamma=0.65, glare=0.6, shadow=0.5, occlusion=0.6, noise=4, jpeg_quality=80
     ),
 }
+
+
 # v4: two lights across every frame plus the camera's exposure curve. Mixed lighting is the
 # norm in a street at night (a sodium lamp on one side, a shop's LED sign on the other): a
 # jacket's colour depends on where in the frame it is, and on which way the person walks.
@@ -131,58 +133,33 @@ LOOKS_V3: dict[str, dict] = {
 # curve (a night exposure crushing the shadows, gamma > 1, or a wide-dynamic-range / dirty
 # dome washing everything out, haze and gamma < 1) is not a gain at all. Neither destroys
 # information, so a model that sees these cameras can learn them (docs/benchmark.md).
-_TWO_LIGHTS = dict(noise=4, jpeg_quality=80)
+def _two_lights(
+    cast: tuple[float, float, float],
+    second: tuple[float, float, float],
+    axis: str = "x",
+    **exposure: float,
+) -> dict:
+    return dict(cast=cast, split_cast=second, split_axis=axis, noise=4, jpeg_quality=80, **exposure)
+
+
+# name: (first light, second light across the frame, edge axis, exposure curve)
 LOOKS_V4: dict[str, dict] = {
     # a sodium street lamp on one side, a cool LED shop sign on the other; underexposed
-    "sodium-and-led-street": dict(
-        cast=(1.0, 0.6, 0.2), split_cast=(0.24, 0.62, 1.0), gamma=1.6, **_TWO_LIGHTS
-    ),
+    "sodium-and-led-street": _two_lights((1.0, 0.6, 0.2), (0.24, 0.62, 1.0), gamma=1.6),
     # blue loading-bay flood lights, a warm doorway light from above; washed-out WDR
-    "loading-bay-door": dict(
-        cast=(0.3, 0.6, 1.0),
-        split_cast=(1.0, 0.68, 0.26),
-        split_axis="y",
-        haze=0.25,
-        gamma=0.6,
-        **_TWO_LIGHTS,
-    ),
+    "loading-bay-door": _two_lights((0.3, 0.6, 1.0), (1.0, 0.68, 0.26), "y", haze=0.25, gamma=0.6),
     # green fluorescent car-park tubes beside a magenta advertising panel; washed out
-    "car-park-billboard": dict(
-        cast=(0.45, 1.0, 0.35), split_cast=(0.89, 0.28, 1.0), haze=0.25, gamma=0.6, **_TWO_LIGHTS
-    ),
+    "car-park-billboard": _two_lights((0.45, 1.0, 0.35), (0.89, 0.28, 1.0), haze=0.25, gamma=0.6),
     # a stuck IR-cut filter (magenta) under a green exit sign above; dark
-    "stuck-ir-cut-exit-sign": dict(
-        cast=(1.0, 0.3, 0.9),
-        split_cast=(0.26, 1.0, 0.37),
-        split_axis="y",
-        gamma=1.7,
-        **_TWO_LIGHTS,
-    ),
+    "stuck-ir-cut-exit-sign": _two_lights((1.0, 0.3, 0.9), (0.26, 1.0, 0.37), "y", gamma=1.7),
     # a shop window's tungsten light and the blue street outside; very dark
-    "shop-window-street": dict(
-        cast=(1.0, 0.75, 0.35), split_cast=(0.28, 0.56, 1.0), gamma=1.8, **_TWO_LIGHTS
-    ),
+    "shop-window-street": _two_lights((1.0, 0.75, 0.35), (0.28, 0.56, 1.0), gamma=1.8),
     # a cheap cyan LED camera under a red neon sign above; hazy dome
-    "neon-underpass": dict(
-        cast=(0.25, 0.9, 1.0),
-        split_cast=(1.0, 0.35, 0.25),
-        split_axis="y",
-        haze=0.3,
-        gamma=0.55,
-        **_TWO_LIGHTS,
-    ),
+    "neon-underpass": _two_lights((0.25, 0.9, 1.0), (1.0, 0.35, 0.25), "y", haze=0.3, gamma=0.55),
     # amber security lighting beside a blue LED gate light; hazy and dark
-    "amber-gate": dict(
-        cast=(1.0, 0.85, 0.1), split_cast=(0.22, 0.35, 1.0), haze=0.3, gamma=1.5, **_TWO_LIGHTS
-    ),
+    "amber-gate": _two_lights((1.0, 0.85, 0.1), (0.22, 0.35, 1.0), haze=0.3, gamma=1.5),
     # violet venue LEDs with green stage light from above; dark
-    "venue-entrance": dict(
-        cast=(0.6, 0.3, 1.0),
-        split_cast=(0.68, 1.0, 0.26),
-        split_axis="y",
-        gamma=1.4,
-        **_TWO_LIGHTS,
-    ),
+    "venue-entrance": _two_lights((0.6, 0.3, 1.0), (0.68, 1.0, 0.26), "y", gamma=1.4),
 }
 LOOK_SETS = {"v2": LOOKS_V2, "v3": LOOKS_V3, "v4": LOOKS_V4}
 
@@ -339,7 +316,9 @@ def apply_camera(
     gain = style.gain * float(rng.uniform(0.9, 1.1))
     x = x * (gain * np.asarray(style.cast, np.float32))
     if style.split_cast != (1.0, 1.0, 1.0):
-        x = x * _split_light(style.cast, style.split_cast, style.split_axis, rng, w, h)
+        x = x * _split_light(
+            style.cast, style.split_cast, style.split_axis, rng, w if style.split_axis == "x" else h
+        )
     if style.nir > 0:
         grey = x @ np.array([0.4, 0.4, 0.2], np.float32)
         glow = 0.25 + 0.75 * np.clip(grey, 0, 1) ** 0.7  # dark dyes reflect NIR: little contrast
@@ -390,12 +369,11 @@ def _split_light(
     second: tuple[float, float, float],
     axis: str,
     rng: np.random.Generator,
-    w: int,
-    h: int,
+    n: int,
 ) -> np.ndarray:
-    """Multiplier turning `cast` into `second` across a soft, moving edge along `axis`."""
+    """Multiplier turning `cast` into `second` across a soft, moving edge along `axis`
+    (`n` pixels long)."""
     edge, soft = float(rng.uniform(0.3, 0.7)), float(rng.uniform(0.08, 0.2))
-    n = w if axis == "x" else h
     u = (np.arange(n, dtype=np.float32) + 0.5) / n
     t = 1.0 / (1.0 + np.exp(-(u - edge) / soft))
     if rng.random() < 0.5:
