@@ -97,6 +97,7 @@ def create_model(
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         model.fingerprint = meta["fingerprint"]
+        model.teacher = meta.get("teacher") or {}
     else:
         model.fingerprint = _hash(json.dumps(config, sort_keys=True).encode())
     model.version = f"{name.split('/')[-1]}@{model.fingerprint[:10]}"
@@ -135,7 +136,14 @@ def create_lora_model(
     return attach_lora(base, settings)
 
 
-def save_model(model: DualEncoder, out_dir: str | Path, *, name: str | None = None) -> Path:
+def save_model(
+    model: DualEncoder,
+    out_dir: str | Path,
+    *,
+    name: str | None = None,
+    teacher: dict | None = None,
+    report: dict | None = None,
+) -> Path:
     """Write a self-contained model directory (config with no external weights + weights).
 
     Tokenizers are copied in, so the directory loads on a Jetson with no hub and no package.
@@ -171,6 +179,10 @@ def save_model(model: DualEncoder, out_dir: str | Path, *, name: str | None = No
     save_file(state, out / WEIGHTS_FILE)
     fingerprint = _hash((out / WEIGHTS_FILE).read_bytes())
     meta = {"format": 1, "name": name or model.name, "fingerprint": fingerprint, "spec": spec}
+    if teacher:  # a distilled student: whose query space it serves (common.distill)
+        meta["teacher"] = teacher
+    if report:
+        meta["report"] = report
     (out / MODEL_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return out
 
@@ -185,38 +197,45 @@ def build_from_config(config: dict, *, name: str, source: Path | None = None) ->
     raise UnknownModel(f"model {name!r}: `family` must be 'clip' or 'dual', got {family!r}")
 
 
-def _build_dual(config: dict, name: str, source: Path | None) -> DualEncoder:
-    img_cfg, txt_cfg = config["image"], config["text"]
+def build_image_tower(img_cfg: dict, *, name: str, source: Path | None) -> torch.nn.Module:
+    """The image tower an `image` config table describes (a student swaps only this)."""
     if img_cfg["type"] == "cnn":
-        image_tower = ConvImageTower(
+        tower = ConvImageTower(
             img_cfg.get("widths", (32, 64, 128, 256)),
             img_cfg.get("depths", (1, 1, 1, 1)),
             img_cfg.get("groups", 8),
             img_cfg.get("stem_stride", 1),
             img_cfg.get("stripes", 0),
+            img_cfg.get("mids"),
         )
     elif img_cfg["type"] == "hf":
-        image_tower = HFImageTower(_hf_model(img_cfg, source))
+        tower = HFImageTower(_hf_model(img_cfg, source))
     elif img_cfg["type"] == "efficientnet-lite":
-        image_tower = EfficientNetLiteTower(
+        tower = EfficientNetLiteTower(
             img_cfg.get("variant", "lite0"), stripes=img_cfg.get("stripes", 0)
         )
         weights = img_cfg.get("weights", "none")
         if weights != "none":
             state = efficientnet_state_dict(weights, source)
             try:
-                image_tower.load_imagenet(state)
+                tower.load_imagenet(state)
             except (RuntimeError, ValueError) as exc:
                 detail = "; ".join(line.strip() for line in str(exc).splitlines()[-2:])
                 raise UnknownModel(
                     f"model {name!r}: {weights!r} is not an EfficientNet-"
-                    f"{image_tower.variant} checkpoint ({detail})"
+                    f"{tower.variant} checkpoint ({detail})"
                 ) from exc
     else:
         raise UnknownModel(
             f"model {name!r}: image type must be cnn, hf or efficientnet-lite, "
             f"got {img_cfg['type']!r}"
         )
+    return tower
+
+
+def _build_dual(config: dict, name: str, source: Path | None) -> DualEncoder:
+    img_cfg, txt_cfg = config["image"], config["text"]
+    image_tower = build_image_tower(img_cfg, name=name, source=source)
     if txt_cfg.get("type") != "hf":
         raise UnknownModel(f"model {name!r}: text type must be hf, got {txt_cfg.get('type')!r}")
     tokenizer = _tokenizer(txt_cfg.get("tokenizer") or txt_cfg.get("weights"), source)

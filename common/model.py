@@ -45,6 +45,9 @@ class DualEncoder(nn.Module):
         self.spec = spec  # the resolved model config, saved with the model
         self.fingerprint = ""  # set by the factory: identifies architecture + base weights
         self.version = ""  # set by the factory: fingerprint plus adapter, if any
+        # a distilled student: its teacher's record (common.distill.teacher_record); the
+        # teacher's query vectors search this model's index
+        self.teacher: dict = {}
 
     # ------------------------------------------------------------------ features
     def lora_presets(self) -> dict[str, str]:
@@ -104,6 +107,10 @@ class DualEncoder(nn.Module):
         for i in range(0, len(images), batch_size):
             out.append(self.encode_image(to_batch(images[i : i + batch_size], self.preprocess)))
         return torch.cat(out)
+
+    def image_tower_params(self) -> int:
+        """Parameters a node needs to embed crops (image tower + projection)."""
+        return sum(p.numel() for m in (self.image_tower, self.image_proj) for p in m.parameters())
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

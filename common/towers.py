@@ -20,11 +20,14 @@ class ConvBlock(nn.Module):
     """Residual block with GroupNorm: batch-independent, so federated clients with small
     local batches and ONNX/TensorRT exports see exactly the same normalisation."""
 
-    def __init__(self, cin: int, cout: int, stride: int, groups: int) -> None:
+    def __init__(
+        self, cin: int, cout: int, stride: int, groups: int, mid: int | None = None
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.norm1 = nn.GroupNorm(min(groups, cout), cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        mid = mid or cout  # < cout after structured pruning of the block's inner channels
+        self.conv1 = nn.Conv2d(cin, mid, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(min(groups, mid), mid)
+        self.conv2 = nn.Conv2d(mid, cout, 3, 1, 1, bias=False)
         self.norm2 = nn.GroupNorm(min(groups, cout), cout)
         self.down = (
             nn.Conv2d(cin, cout, 1, stride, bias=False) if (stride != 1 or cin != cout) else None
@@ -56,10 +59,16 @@ class ConvImageTower(nn.Module):
         groups: int = 8,
         stem_stride: int = 1,
         stripes: int = 0,
+        mids: Sequence[int] | None = None,
     ) -> None:
+        """`mids`: inner width of each stage's blocks (default: the stage width); what
+        `common.prune` shrinks, since a block's inner channels touch no skip connection."""
         super().__init__()
         if stripes < 0:
             raise ValueError(f"`stripes` must be >= 0, got {stripes}")
+        mids = list(mids) if mids else list(widths)
+        if len(mids) != len(widths) or min(mids) < 1:
+            raise ValueError(f"`mids` must give one width >= 1 per stage, got {mids}")
         self.stripes = stripes
         self.stem = nn.Sequential()
         # stem_stride 2 halves the resolution before the first stage: about 5x less compute
@@ -68,9 +77,9 @@ class ConvImageTower(nn.Module):
         self.stem.add_module("norm", nn.GroupNorm(min(groups, widths[0]), widths[0]))
         self.stem.add_module("act", nn.ReLU(inplace=True))
         stages, cin = [], widths[0]
-        for width, depth in zip(widths, depths, strict=True):
+        for width, depth, mid in zip(widths, depths, mids, strict=True):
             blocks = [
-                ConvBlock(cin if i == 0 else width, width, 2 if i == 0 else 1, groups)
+                ConvBlock(cin if i == 0 else width, width, 2 if i == 0 else 1, groups, mid)
                 for i in range(depth)
             ]
             stages.append(nn.Sequential(*blocks))

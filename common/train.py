@@ -183,6 +183,8 @@ class TextFeatureCache:
                 chunk = todo[i : i + batch_size]
                 feats = model.text_backbone(chunk).float().cpu()
                 self.features.update(zip(chunk, feats, strict=True))
+        if not captions:  # a gallery without captions (e.g. a node's own crops)
+            return torch.empty(0, model.text_tower.width)
         return torch.stack([self.features[c] for c in captions])
 
 

@@ -16,6 +16,7 @@ import sys
 # Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
     "common.cli",  # train, eval
+    "common.compress_cli",  # distill, prune
     "sims.synth.cli",  # synth, pretrain
     "edge_node.cli",  # node serve, export
     "server.broker.cli",  # broker serve

@@ -86,7 +86,7 @@ def _config(data_dir: Path, model: str, index_type: str = "flat"):
     )
 
 
-def _fill_gallery(gallery_dir: Path, size: int) -> float:
+def fill_gallery(gallery_dir: Path, size: int) -> float:
     """Catalog `size` tiny images through the normal ingest path (reused when present)."""
     from PIL import Image
 
@@ -119,7 +119,7 @@ def run_search(args: argparse.Namespace) -> dict:
     _set_threads(args)
     work = Path(args.work)
     gallery_dir = work / f"gallery-{args.size}"
-    fill_s = _fill_gallery(gallery_dir, args.size)
+    fill_s = fill_gallery(gallery_dir, args.size)
     data_dir = work / f"node-{args.model}-{args.size}-{args.index}"
     data_dir.mkdir(parents=True, exist_ok=True)
     if not (data_dir / "gallery").exists():
