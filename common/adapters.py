@@ -4,6 +4,10 @@
 reads; `fedretrieve_adapter.json` records which base model the adapter belongs to (name and
 weights fingerprint), the federated round and the peft version, nanoGPT-style, so a node
 refuses an adapter made for another base instead of serving garbage.
+
+Finding and reading adapters (manifests, `latest_adapter`) needs no model code: peft and
+torch are imported by `save_adapter` and `load_adapter` only, so a node serving an export
+(onnxruntime) watches its adapter dir without importing torch.
 """
 
 from __future__ import annotations
@@ -16,15 +20,14 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import peft
-import safetensors
-import safetensors.torch
-from peft import PeftModel
-from peft.utils import get_peft_model_state_dict
+from typing import TYPE_CHECKING
 
 from common.errors import AdapterMismatch
-from common.model import DualEncoder
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from common.model import DualEncoder
 
 MANIFEST_FILE = "fedretrieve_adapter.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -64,6 +67,8 @@ def save_adapter(
     Everything is written into a temporary sibling directory, fsynced, then renamed into
     place; a watcher that sees `out_dir` therefore always sees a complete adapter.
     """
+    import peft
+
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     base: DualEncoder = peft_model.get_base_model()
@@ -129,6 +134,11 @@ def load_adapter(
     model: DualEncoder, adapter_dir: str | Path, *, trainable: bool = False
 ) -> PeftModel:
     """Attach the adapter in `adapter_dir` to `model`, refusing one made for another base."""
+    import safetensors
+    import safetensors.torch
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
     path = Path(adapter_dir)
     manifest = read_manifest(path)
     if manifest.base_fingerprint != model.fingerprint:

@@ -47,6 +47,10 @@ class NotAuthorized(FedRetrieveError):
     """Missing or wrong credentials."""
 
 
+class TextTowerAbsent(FedRetrieveError):
+    """A text-only query reached a node that runs without its text tower (vector-only)."""
+
+
 class Unavailable(FedRetrieveError):
     """A peer cannot be reached or did not answer in time."""
 
@@ -59,6 +63,7 @@ STATUS_CODES: dict[type[FedRetrieveError], grpc.StatusCode] = {
     UnknownModel: grpc.StatusCode.NOT_FOUND,
     NotFound: grpc.StatusCode.NOT_FOUND,
     GalleryNotReady: grpc.StatusCode.FAILED_PRECONDITION,
+    TextTowerAbsent: grpc.StatusCode.FAILED_PRECONDITION,
     NotAuthorized: grpc.StatusCode.UNAUTHENTICATED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }

@@ -2,6 +2,11 @@
 
 The `PreprocessCfg` travels with the model (saved in its model directory and in ONNX
 manifests), so inference preprocessing on a node cannot drift from training.
+
+`to_pixels` is the one definition of inference pixels, in numpy: an export backend
+(onnxruntime) uses it as is and never imports torch; `to_batch` is the same array as a
+torch tensor. `normalize_uint8` normalises uint8 caches on the training device and is
+pinned to give exactly `to_pixels`'s values (tests/common/test_config_preprocess.py).
 """
 
 from __future__ import annotations
@@ -10,12 +15,15 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from common.errors import DatasetError
+
+if TYPE_CHECKING:  # torch is imported by the functions that return tensors, only
+    import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -95,11 +103,22 @@ def resize_uint8(img: Image.Image, cfg: PreprocessCfg) -> np.ndarray:
 
 
 def normalize_uint8(batch: torch.Tensor, cfg: PreprocessCfg) -> torch.Tensor:
-    """(n,H,W,3) uint8 -> (n,3,H,W) float32 normalised."""
+    """(n,H,W,3) uint8 -> (n,3,H,W) float32 normalised, on the batch's device (training)."""
+    import torch
+
     x = batch.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(cfg.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def to_pixels(images: Sequence[Image.Image], cfg: PreprocessCfg) -> np.ndarray:
+    """PIL crops -> (n,3,H,W) float32 normalised pixels, in numpy (no torch)."""
+    arr = np.stack([resize_uint8(im, cfg) for im in images]).transpose(0, 3, 1, 2)
+    x = arr.astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(cfg.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(cfg.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - mean) / std)
 
 
 def to_tensor(img: Image.Image, cfg: PreprocessCfg) -> torch.Tensor:
@@ -107,5 +126,7 @@ def to_tensor(img: Image.Image, cfg: PreprocessCfg) -> torch.Tensor:
 
 
 def to_batch(images: Sequence[Image.Image], cfg: PreprocessCfg) -> torch.Tensor:
-    arr = np.stack([resize_uint8(im, cfg) for im in images])
-    return normalize_uint8(torch.from_numpy(arr), cfg)
+    """`to_pixels` as a torch tensor."""
+    import torch
+
+    return torch.from_numpy(to_pixels(images, cfg))

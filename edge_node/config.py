@@ -215,6 +215,7 @@ class NodeConfig:
     adapter_poll_s: float = 5.0
     backend: str = "torch"
     device: str = "cpu"
+    text_tower: bool = True  # false: vector-only node; no text tower loaded, text refused
     torch_threads: int = 0  # 0: leave torch's default
     faiss_threads: int = 1  # OpenMP threads per faiss search (1 suits one query per call)
     drop_dir: Path | None = None  # folder a detector pipeline writes crops into
@@ -262,6 +263,12 @@ class NodeConfig:
             "log-format",
             "must be text or json",
             self.log_format,
+        )
+        _require(
+            isinstance(self.text_tower, bool),
+            "text-tower",
+            "must be true or false",
+            self.text_tower,
         )
         backends = tuple(BACKENDS)
         _require(self.backend in backends, "backend", f"must be one of {backends}", self.backend)

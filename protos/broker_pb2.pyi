@@ -100,7 +100,7 @@ class BrokerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeHealth(_message.Message):
-    __slots__ = ("node_id", "address", "healthy", "state", "last_check_age_s", "last_error", "gallery_size", "model_version", "camera_ids", "indexed_size", "adapter_version", "reindex_running", "reindex_done", "reindex_total", "camera_norm_version")
+    __slots__ = ("node_id", "address", "healthy", "state", "last_check_age_s", "last_error", "gallery_size", "model_version", "camera_ids", "indexed_size", "adapter_version", "reindex_running", "reindex_done", "reindex_total", "camera_norm_version", "vector_only")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class NodeHealth(_message.Message):
     REINDEX_DONE_FIELD_NUMBER: _ClassVar[int]
     REINDEX_TOTAL_FIELD_NUMBER: _ClassVar[int]
     CAMERA_NORM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_ONLY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     healthy: bool
@@ -131,7 +132,8 @@ class NodeHealth(_message.Message):
     reindex_done: int
     reindex_total: int
     camera_norm_version: str
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., state: _Optional[str] = ..., last_check_age_s: _Optional[float] = ..., last_error: _Optional[str] = ..., gallery_size: _Optional[int] = ..., model_version: _Optional[str] = ..., camera_ids: _Optional[_Iterable[str]] = ..., indexed_size: _Optional[int] = ..., adapter_version: _Optional[str] = ..., reindex_running: _Optional[bool] = ..., reindex_done: _Optional[int] = ..., reindex_total: _Optional[int] = ..., camera_norm_version: _Optional[str] = ...) -> None: ...
+    vector_only: bool
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., state: _Optional[str] = ..., last_check_age_s: _Optional[float] = ..., last_error: _Optional[str] = ..., gallery_size: _Optional[int] = ..., model_version: _Optional[str] = ..., camera_ids: _Optional[_Iterable[str]] = ..., indexed_size: _Optional[int] = ..., adapter_version: _Optional[str] = ..., reindex_running: _Optional[bool] = ..., reindex_done: _Optional[int] = ..., reindex_total: _Optional[int] = ..., camera_norm_version: _Optional[str] = ..., vector_only: _Optional[bool] = ...) -> None: ...
 
 class BrokerStatusResponse(_message.Message):
     __slots__ = ("nodes", "model_version")

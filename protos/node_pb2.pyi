@@ -105,7 +105,7 @@ class ReindexProgress(_message.Message):
     def __init__(self, running: _Optional[bool] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., target_version: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "gallery_size", "index_version", "model_version", "adapter_version", "backend", "reindex", "rejected_images", "index_type", "embed_dim", "backend_note", "indexed_size", "camera_ids", "camera_norm_version")
+    __slots__ = ("node_id", "gallery_size", "index_version", "model_version", "adapter_version", "backend", "reindex", "rejected_images", "index_type", "embed_dim", "backend_note", "indexed_size", "camera_ids", "camera_norm_version", "vector_only")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GALLERY_SIZE_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class StatusResponse(_message.Message):
     INDEXED_SIZE_FIELD_NUMBER: _ClassVar[int]
     CAMERA_IDS_FIELD_NUMBER: _ClassVar[int]
     CAMERA_NORM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_ONLY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     gallery_size: int
     index_version: str
@@ -134,7 +135,8 @@ class StatusResponse(_message.Message):
     indexed_size: int
     camera_ids: _containers.RepeatedScalarFieldContainer[str]
     camera_norm_version: str
-    def __init__(self, node_id: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., adapter_version: _Optional[str] = ..., backend: _Optional[str] = ..., reindex: _Optional[_Union[ReindexProgress, _Mapping]] = ..., rejected_images: _Optional[int] = ..., index_type: _Optional[str] = ..., embed_dim: _Optional[int] = ..., backend_note: _Optional[str] = ..., indexed_size: _Optional[int] = ..., camera_ids: _Optional[_Iterable[str]] = ..., camera_norm_version: _Optional[str] = ...) -> None: ...
+    vector_only: bool
+    def __init__(self, node_id: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., adapter_version: _Optional[str] = ..., backend: _Optional[str] = ..., reindex: _Optional[_Union[ReindexProgress, _Mapping]] = ..., rejected_images: _Optional[int] = ..., index_type: _Optional[str] = ..., embed_dim: _Optional[int] = ..., backend_note: _Optional[str] = ..., indexed_size: _Optional[int] = ..., camera_ids: _Optional[_Iterable[str]] = ..., camera_norm_version: _Optional[str] = ..., vector_only: _Optional[bool] = ...) -> None: ...
 
 class EmbedImageRequest(_message.Message):
     __slots__ = ("image_id",)

@@ -15,6 +15,8 @@ from PIL import Image
 from common.adapters import adapter_version_of
 from common.errors import ConfigError
 from common.factory import create_model
+from edge_node.accel.backend import no_text_tower
+from edge_node.accel.eager import drop_text_tower
 
 
 def require_cuda(device: str = "cuda") -> str:
@@ -33,14 +35,25 @@ def require_cuda(device: str = "cuda") -> str:
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, model, adapter_version: str = "", *, fp16: bool = True, note: str = ""):
+    def __init__(
+        self,
+        model,
+        adapter_version: str = "",
+        *,
+        fp16: bool = True,
+        note: str = "",
+        text_tower: bool = True,
+    ):
         import torch
 
         self._torch = torch
         self.device = model.logit_scale.device
         if self.device.type != "cuda":
             raise ConfigError(f"CudaBackend needs the model on a CUDA device, got {self.device}")
+        if not text_tower:
+            drop_text_tower(model)
         self.model = model.eval()
+        self.text_tower = text_tower
         self.fp16 = fp16
         self.version = str(model.version)
         self.embed_dim = int(model.embed_dim)
@@ -54,6 +67,8 @@ class CudaBackend:
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16)
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
+        if not self.text_tower:
+            raise no_text_tower(self.name)
         with self._torch.inference_mode(), self._autocast():
             out = self.model.encode_text(list(texts))
         return np.ascontiguousarray(out.float().numpy(), dtype=np.float32)
@@ -71,7 +86,9 @@ class CudaBackend:
         return np.ascontiguousarray(out.float().numpy(), dtype=np.float32)
 
 
-def load(model_spec: str, adapter: Path | None = None, device: str = "cuda") -> CudaBackend:
+def load(
+    model_spec: str, adapter: Path | None = None, device: str = "cuda", *, text_tower: bool = True
+) -> CudaBackend:
     device = require_cuda(device)
     model = create_model(model_spec, adapter=adapter, device=device)
-    return CudaBackend(model, adapter_version=adapter_version_of(adapter))
+    return CudaBackend(model, adapter_version=adapter_version_of(adapter), text_tower=text_tower)

@@ -11,6 +11,14 @@ from PIL import Image
 
 from common.adapters import adapter_version_of
 from common.factory import create_model
+from edge_node.accel.backend import no_text_tower
+
+
+def drop_text_tower(model) -> None:
+    """Free a DualEncoder's text tower and text projection (a vector-only node keeps only
+    the image side); its `encode_text` cannot run afterwards."""
+    model.text_tower = None
+    model.text_proj = None
 
 
 class TorchBackend:
@@ -18,14 +26,21 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model, adapter_version: str = "", note: str = "") -> None:
+    def __init__(
+        self, model, adapter_version: str = "", note: str = "", *, text_tower: bool = True
+    ) -> None:
+        if not text_tower:
+            drop_text_tower(model)
         self.model = model.eval()
         self.version = str(model.version)
         self.embed_dim = int(model.embed_dim)
         self.adapter_version = adapter_version
         self.note = note
+        self.text_tower = text_tower
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
+        if not self.text_tower:
+            raise no_text_tower(self.name)
         with torch.inference_mode():
             out = self.model.encode_text(list(texts))
         return np.ascontiguousarray(out.detach().float().cpu().numpy(), dtype=np.float32)
@@ -36,6 +51,8 @@ class TorchBackend:
         return np.ascontiguousarray(out.detach().float().cpu().numpy(), dtype=np.float32)
 
 
-def load(model_spec: str, adapter: Path | None = None, device: str = "cpu") -> TorchBackend:
+def load(
+    model_spec: str, adapter: Path | None = None, device: str = "cpu", *, text_tower: bool = True
+) -> TorchBackend:
     model = create_model(model_spec, adapter=adapter, device=device)
-    return TorchBackend(model, adapter_version=adapter_version_of(adapter))
+    return TorchBackend(model, adapter_version=adapter_version_of(adapter), text_tower=text_tower)

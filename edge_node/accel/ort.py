@@ -4,6 +4,10 @@ Same interface as `edge_node.accel.eager.TorchBackend` (encode_text, encode_imag
 adapter_version, embed_dim, name, note), same preprocessing (the manifest's PreprocessCfg)
 and the same tokenizer (saved inside the export), so its embeddings match torch eager to
 cosine >= 0.9999 in fp32 (tests/edge_node/test_export.py).
+
+With `text_tower=False` (a vector-only node) neither the text graph nor the tokenizer is
+loaded. Serving a pre-built export imports no torch (preprocessing is numpy's
+`common.preprocess.to_pixels`; `resolve` imports the exporter only to build an export).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import numpy as np
 from PIL import Image
 
 from common.adapters import adapter_version_of
-from common.preprocess import PreprocessCfg, to_batch
+from common.preprocess import PreprocessCfg, to_pixels
+from edge_node.accel.backend import no_text_tower
 from edge_node.accel.manifest import ExportManifest, open_export
 from edge_node.accel.resolve import resolve_export
 
@@ -32,13 +37,14 @@ class OrtBackend:
         batch_size: int = 8,
         providers: list[str] | None = None,
         note: str = "",
+        text_tower: bool = True,
     ) -> None:
         """`model_version`/`adapter_version`: what the node runs; a mismatching export is
         refused (AdapterMismatch). `threads` 0 lets ORT use every core. `batch_size` 8:
         on 2 CPU cores, batches of 8 ran as fast or faster per item than 32 for both the
-        default CNN and ViT-B/16 (activations stay in cache; `fedretrieve bench embed`)."""
+        default CNN and ViT-B/16 (activations stay in cache; `fedretrieve bench embed`).
+        `text_tower` False: no text session and no tokenizer (`encode_text` raises)."""
         import onnxruntime as ort
-        from transformers import AutoTokenizer
 
         self.export_dir = Path(export_dir)
         self.manifest: ExportManifest = open_export(
@@ -55,7 +61,7 @@ class OrtBackend:
         self.note = note or f"onnxruntime {m.precision} export {self.export_dir}"
         self.batch_size = batch_size
         self.preprocess = PreprocessCfg.from_dict(m.preprocess)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir / "tokenizer"))
+        self.text_tower = text_tower
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads
@@ -65,11 +71,18 @@ class OrtBackend:
         self._image = ort.InferenceSession(
             str(self.export_dir / m.graphs["image"]), opts, providers=providers
         )
-        self._text = ort.InferenceSession(
-            str(self.export_dir / m.graphs["text"]), opts, providers=providers
-        )
+        self.tokenizer = self._text = None
+        if text_tower:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir / "tokenizer"))
+            self._text = ort.InferenceSession(
+                str(self.export_dir / m.graphs["text"]), opts, providers=providers
+            )
 
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        if self.tokenizer is None:
+            raise no_text_tower(self.name)
         enc = self.tokenizer(
             list(texts),
             padding=True,
@@ -82,6 +95,8 @@ class OrtBackend:
     def encode_text(self, texts: list[str]) -> np.ndarray:
         if isinstance(texts, str):
             raise TypeError("encode_text takes a list of strings, not one string")
+        if self._text is None:
+            raise no_text_tower(self.name)
         out = [np.empty((0, self.embed_dim), np.float32)]
         for i in range(0, len(texts), self.batch_size):
             feeds = self.tokenize(texts[i : i + self.batch_size])
@@ -99,13 +114,15 @@ class OrtBackend:
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
         out = [np.empty((0, self.embed_dim), np.float32)]
         for i in range(0, len(images), self.batch_size):
-            pixels = to_batch(list(images[i : i + self.batch_size]), self.preprocess).numpy()
+            pixels = to_pixels(list(images[i : i + self.batch_size]), self.preprocess)
             out.append(self.encode_pixels(pixels))
         return np.concatenate(out)
 
 
-def load(model_spec: str, adapter: Path | None = None, device: str = "cpu") -> OrtBackend:
+def load(
+    model_spec: str, adapter: Path | None = None, device: str = "cpu", *, text_tower: bool = True
+) -> OrtBackend:
     path, how = resolve_export(model_spec, adapter, fmt="onnx", precision="fp32")
-    backend = OrtBackend(path, adapter_version=adapter_version_of(adapter))
+    backend = OrtBackend(path, adapter_version=adapter_version_of(adapter), text_tower=text_tower)
     backend.note = f"onnxruntime {backend.precision}, {how}: {path}"
     return backend

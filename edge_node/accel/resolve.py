@@ -11,6 +11,9 @@ For a backend that runs an export (onnxruntime, tensorrt), `model` is either
   keyed by its version (`<cache>/<version>/<format>-<precision>`), or a matching export
   there is reused. A hot swap therefore re-exports in the swap thread while the previous
   generation keeps serving, and Status's `backend_note` says which export runs.
+
+The model factory and the exporter (torch) are imported only to build or look up an
+export from a model spec: a node serving a pre-built export never imports torch.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from pathlib import Path
 
 from common.adapters import adapter_version_of
 from common.errors import FedRetrieveError
-from common.factory import create_model
-from edge_node.accel.export import export_model
 from edge_node.accel.manifest import MANIFEST_FILE, open_export
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ def resolve_export(
     if (given / MANIFEST_FILE).is_file():
         open_export(given, adapter_version=adapter_version, fmt=fmt)
         return given, "pre-built export"
+    from common.factory import create_model
+    from edge_node.accel.export import export_model
+
     model = create_model(model_spec, adapter=adapter)
     slug = re.sub(r"[^A-Za-z0-9_.@+-]", "_", model.version)
     target = (cache_root or DEFAULT_CACHE).expanduser() / slug / f"{fmt}-{precision}"

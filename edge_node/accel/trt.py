@@ -22,7 +22,8 @@ from PIL import Image
 
 from common.adapters import adapter_version_of
 from common.errors import ConfigError
-from common.preprocess import PreprocessCfg, to_batch
+from common.preprocess import PreprocessCfg, to_pixels
+from edge_node.accel.backend import no_text_tower
 from edge_node.accel.manifest import (
     IMAGE_INPUTS,
     OUTPUT,
@@ -141,10 +142,11 @@ class TrtBackend:
         adapter_version: str | None = None,
         device: str = "cuda:0",
         note: str = "",
+        text_tower: bool = True,
     ) -> None:
+        """`text_tower` False: the text engine and the tokenizer are not loaded."""
         trt = import_tensorrt()
         import torch
-        from transformers import AutoTokenizer
 
         if not torch.cuda.is_available():
             raise ConfigError(
@@ -165,11 +167,18 @@ class TrtBackend:
         self.note = note or f"tensorrt {m.precision} engines {self.export_dir}"
         self.device = torch.device(device if device.startswith("cuda") else "cuda:0")
         self.preprocess = PreprocessCfg.from_dict(m.preprocess)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir / "tokenizer"))
+        self.text_tower = text_tower
+        self.tokenizer = None
+        if text_tower:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir / "tokenizer"))
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
         self._engines, self._contexts = {}, {}
         for tower, engine_file in m.graphs.items():
+            if tower == "text" and not text_tower:
+                continue
             engine = runtime.deserialize_cuda_engine((self.export_dir / engine_file).read_bytes())
             if engine is None:
                 raise ConfigError(
@@ -202,6 +211,8 @@ class TrtBackend:
         return out.float().cpu().numpy()
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
+        if self.tokenizer is None:
+            raise no_text_tower(self.name)
         out = [np.empty((0, self.embed_dim), np.float32)]
         step = self.manifest.max_batch
         for i in range(0, len(texts), step):
@@ -220,7 +231,7 @@ class TrtBackend:
         out = [np.empty((0, self.embed_dim), np.float32)]
         step = self.manifest.max_batch
         for i in range(0, len(images), step):
-            pixels = to_batch(list(images[i : i + step]), self.preprocess).numpy()
+            pixels = to_pixels(list(images[i : i + step]), self.preprocess)
             out.append(self._run("image", {"pixels": pixels}))
         return _unit_rows(np.concatenate(out))
 
@@ -249,9 +260,13 @@ require = import_tensorrt  # registry hook: fail fast, with the install steps
 finish_export = build_engines  # registry hook: the step after the ONNX graphs
 
 
-def load(model_spec: str, adapter: Path | None = None, device: str = "cuda:0") -> TrtBackend:
+def load(
+    model_spec: str, adapter: Path | None = None, device: str = "cuda:0", *, text_tower: bool = True
+) -> TrtBackend:
     import_tensorrt()  # fail fast, with the install steps, before exporting anything
     path, how = resolve_export(model_spec, adapter, fmt="tensorrt", precision="fp16")
-    backend = TrtBackend(path, adapter_version=adapter_version_of(adapter), device=device)
+    backend = TrtBackend(
+        path, adapter_version=adapter_version_of(adapter), device=device, text_tower=text_tower
+    )
     backend.note = f"tensorrt {backend.manifest.precision}, {how}: {path}"
     return backend

@@ -89,3 +89,4 @@ class NodeStatus:
     # the active camera gains ("cn-..."), "none" before any camera has them, "" when
     # [camera-norm] is off; index_version names them too, model_version never does
     camera_norm_version: str = ""
+    vector_only: bool = False  # served without the text tower (`text-tower = false`)

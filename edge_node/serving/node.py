@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from common.camera_norm import CameraNorm
-from common.errors import FedRetrieveError, InvalidQuery
+from common.errors import FedRetrieveError, InvalidQuery, TextTowerAbsent, short_repr
 from edge_node.accel.backend import load_backend
 from edge_node.config import NodeConfig
 
@@ -81,7 +81,9 @@ class Node:
         `[camera-norm]`, also the camera statistics and the gains the saved index was built
         with (a new index starts with the gains the statistics give now)."""
         factory = backend_factory or (
-            lambda adapter: load_backend(config.backend, config.model, adapter, config.device)
+            lambda adapter: load_backend(
+                config.backend, config.model, adapter, config.device, text_tower=config.text_tower
+            )
         )
         gallery = Gallery(config.data_dir / "gallery", config.limits)
         store = IndexStore(config.data_dir / "index", config.index.save_interval_s)
@@ -129,6 +131,8 @@ class Node:
         if q.vector is not None and q.vector_version == gen.version:
             query = _check_vector(q.vector, gen)
             used_vector = True
+        elif not gen.backend.text_tower and (text or q.vector is not None):
+            raise TextTowerAbsent(_vector_only_refusal(self.config.node_id, gen.version, q))
         elif text:
             query = gen.backend.encode_text([text])[0]
             used_vector = False
@@ -207,6 +211,7 @@ class Node:
             rejected_images=self.gallery.rejected_count,
             reindex=r,
             camera_norm_version=gen.norm.version if self._camera_stats is not None else "",
+            vector_only=not gen.backend.text_tower,
         )
 
     # ------------------------------------------------------------------ workers
@@ -368,6 +373,19 @@ class Node:
         self.save_index()
         self.gallery.close()
         self.metrics.close()
+
+
+def _vector_only_refusal(node_id: str, version: str, q: SearchQuery) -> str:
+    """Why a vector-only node cannot answer `q`, and what it needs instead."""
+    sent = (
+        f"; the vector sent is of model version {short_repr(q.vector_version)}"
+        if q.vector is not None
+        else ""
+    )
+    return (
+        f"node {node_id} serves vector queries only (text-tower = false): send a query "
+        f"vector of model version {version!r}{sent}"
+    )
 
 
 def _check_vector(values: np.ndarray, gen: Generation) -> np.ndarray:

@@ -187,4 +187,5 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             indexed_size=s.indexed,
             camera_ids=self.node.gallery.cameras(),  # the broker routes camera filters by these
             camera_norm_version=s.camera_norm_version,
+            vector_only=s.vector_only,
         )

@@ -35,6 +35,7 @@ from server.broker.config import BrokerConfig
 from server.broker.coverage import (
     coverage_of,
     describe_outcomes,
+    note_no_query_vector,
     require_an_answer,
     require_full,
     skipped_outcome,
@@ -283,6 +284,8 @@ class Broker:
             outcome, answer = collect(
                 calls[node.id], self.registry, self._clock, adaptive_cut=fan.cut_at is not None
             )
+            if vector is None:
+                note_no_query_vector(outcome, self.registry.snapshot(node.id))
             outcomes.append(outcome)
             if answer is not None:
                 answers[node.id] = answer
@@ -385,6 +388,7 @@ class Broker:
                 reindex_running=s.reindex[0],
                 reindex_done=s.reindex[1],
                 reindex_total=s.reindex[2],
+                vector_only=s.vector_only,
             )
         return response
 

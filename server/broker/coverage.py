@@ -29,6 +29,16 @@ def skipped_outcome(node_id: str, known: NodeState) -> broker_pb2.NodeOutcome:
     )
 
 
+def note_no_query_vector(outcome: broker_pb2.NodeOutcome, known: NodeState) -> None:
+    """Add the broker's half of a vector-only node's refusal (FAILED_PRECONDITION, the
+    node's message naming its mode) when the broker had no vector to send: it embeds no
+    queries, so every text query reaches such a node as text it cannot encode."""
+    if outcome.grpc_status == "FAILED_PRECONDITION" and known.vector_only:
+        outcome.message += (
+            "; this broker embeds no queries (no `model` in its config), so the node got text only"
+        )
+
+
 def coverage_of(
     outcomes: list[broker_pb2.NodeOutcome], answers: dict[str, node_pb2.SearchResponse]
 ) -> broker_pb2.Coverage:

@@ -89,6 +89,7 @@ class NodeState:
     adapter_version: str = ""
     camera_norm_version: str = ""  # "" = the node does not normalise cameras
     reindex: tuple[bool, int, int] = (False, 0, 0)  # running, done, total
+    vector_only: bool = False  # no text tower: answers only vectors of its model version
 
 
 class NodeClient:
@@ -209,6 +210,7 @@ class NodeRegistry:
                 node.state.indexed_size = int(node_status.indexed_size)
                 node.state.adapter_version = node_status.adapter_version
                 node.state.camera_norm_version = node_status.camera_norm_version
+                node.state.vector_only = bool(node_status.vector_only)
                 r = node_status.reindex
                 node.state.reindex = (bool(r.running), int(r.done), int(r.total))
                 cameras = tuple(node_status.camera_ids)

@@ -5,13 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from common.config import from_dict, load_toml
 from common.errors import ConfigError, DatasetError
-from common.preprocess import PreprocessCfg, load_image, to_batch
+from common.preprocess import (
+    CLIP_MEAN,
+    CLIP_STD,
+    PreprocessCfg,
+    load_image,
+    normalize_uint8,
+    resize_uint8,
+    to_batch,
+    to_pixels,
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,23 @@ def test_preprocess_pads_to_size_and_normalises(tmp_path: Path) -> None:
     assert batch[0, :, 0, 8].allclose(torch.zeros(3), atol=0.01)  # padded with the mean colour
     with pytest.raises(ValueError, match="resize"):
         PreprocessCfg(resize="crop")
+
+
+@pytest.mark.parametrize("resize", ["pad", "stretch"])
+def test_numpy_pixels_equal_the_training_normalisation_exactly(resize: str) -> None:
+    """`to_pixels` (numpy: export backends, no torch) and `normalize_uint8` (torch: the
+    training caches, on the device) give the same float32 bits; `to_batch` is `to_pixels`."""
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (40 + 3 * i, 20 + 2 * i, 3), dtype=np.uint8))
+        for i in range(5)
+    ]
+    cfg = PreprocessCfg(size=(32, 16), mean=CLIP_MEAN, std=CLIP_STD, resize=resize)
+    cached = torch.from_numpy(np.stack([resize_uint8(im, cfg) for im in images]))
+    pixels = to_pixels(images, cfg)
+    assert pixels.dtype == np.float32 and pixels.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(pixels, normalize_uint8(cached, cfg).numpy())
+    np.testing.assert_array_equal(pixels, to_batch(images, cfg).numpy())
 
 
 def test_corrupt_empty_and_missing_images_are_named(tmp_path: Path) -> None:

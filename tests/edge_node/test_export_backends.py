@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from common.adapters import save_adapter
-from common.errors import AdapterMismatch, ConfigError
+from common.errors import AdapterMismatch, ConfigError, TextTowerAbsent
 from common.factory import create_model
 from common.lora import LoraSettings, attach_lora
 from edge_node.accel.backend import load_backend
@@ -123,3 +123,15 @@ def test_cuda_fp16_parity_with_fp32_eager():
     assert (backend.encode_text(TEXTS) * model.encode_text(TEXTS).numpy()).sum(1).min() >= 0.999
     want = model.encode_images(_images()).numpy()
     assert (backend.encode_images(_images()) * want).sum(1).min() >= 0.999
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible to torch on this machine")
+def test_cuda_backend_without_text_tower_embeds_images_only():
+    full = load_backend("cuda", "tiny", None, "cuda")
+    lean = load_backend("cuda", "tiny", None, "cuda", text_tower=False)
+    assert lean.model.text_tower is None and not lean.text_tower
+    with pytest.raises(TextTowerAbsent):
+        lean.encode_text(TEXTS)
+    np.testing.assert_allclose(
+        lean.encode_images(_images()), full.encode_images(_images()), atol=1e-3
+    )

@@ -46,6 +46,7 @@ BAD = {
     "bad listen": ({"listen": "50051"}, "listen"),
     "bad node id": ({"node-id": "a b"}, "node-id"),
     "unknown backend": ({"backend": "tpu"}, "backend"),
+    "text-tower not bool": ({"text-tower": "no"}, "text-tower"),
     "cert without key": ({"auth": {"tls-cert": "cert.pem"}}, "tls-cert"),
     "missing token file": ({"auth": {"token-file": "nope"}}, "token-file"),
     "negative grace": ({"grace-s": -1}, "grace-s"),

@@ -252,3 +252,41 @@ def test_the_broker_reports_each_nodes_camera_normalisation(tmp_path, tiny_model
             time.sleep(0.1)
     assert node.camera_norm_version.startswith("cn-")
     assert node.gallery_size == node.indexed_size == 4
+
+
+def test_a_vector_only_node_in_the_fleet(tmp_path, tiny_model, start_broker):
+    """A broker that embeds sends the vector-only node a vector it answers like any node; a
+    broker that does not embed gets its FAILED_PRECONDITION in coverage, named and explained."""
+    with (
+        _serve_nodes(tmp_path / "full", (("north", 5),)) as full,
+        _serve_nodes(tmp_path / "lean", (("east", 4),), text_tower=False) as lean,
+    ):
+        addresses = {node_id: addr for node_id, (addr, _) in {**full, **lean}.items()}
+        for encoder in (tiny_model, None):
+            handle = start_broker(broker_config(addresses, NODE_TOKEN), encoder=encoder)
+            handle.broker.registry.check_all()  # learns which node is vector-only
+            request = broker_pb2.BrokerSearchRequest(text=QUERIES[0], k=9, deadline_ms=10_000)
+            response = handle.stub.Search(request, metadata=AUTH, timeout=30)
+            cov = {o.node_id: o for o in response.coverage.nodes}
+            if encoder is not None:
+                assert response.coverage.full and len(response.hits) == 9
+                assert cov["east"].state == "ok" and cov["east"].used_vector
+                continue
+            assert not response.coverage.full and cov["north"].state == "ok"
+            assert {h.node_id for h in response.hits} == {"north"}
+            east = cov["east"]
+            assert (east.state, east.grpc_status) == ("failed", "FAILED_PRECONDITION")
+            assert east.message.startswith(
+                "node east serves vector queries only (text-tower = false): send a query "
+                f"vector of model version {tiny_model.version!r}"
+            )
+            assert east.message.endswith(
+                "; this broker embeds no queries (no `model` in its config), so the node got "
+                "text only"
+            )
+            assert "node_failure" in response.coverage.degraded
+            status = handle.stub.Status(broker_pb2.BrokerStatusRequest(), metadata=AUTH, timeout=10)
+            assert {n.node_id: n.vector_only for n in status.nodes} == {
+                "north": False,
+                "east": True,
+            }
