@@ -49,6 +49,13 @@ class DualEncoder(nn.Module):
         # teacher's query vectors search this model's index
         self.teacher: dict = {}
 
+    @property
+    def query_version(self) -> str:
+        """The model version whose query vectors search this model's index: a distilled
+        student's teacher's (it kept the teacher's text tower and text projection and was
+        trained into the teacher's space), else this model's own version."""
+        return str(self.teacher.get("model_version") or self.version)
+
     # ------------------------------------------------------------------ features
     def lora_presets(self) -> dict[str, str]:
         """Preset name -> regex over full module names (what peft's target_modules takes)."""

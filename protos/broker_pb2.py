@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import retrieval_pb2 as protos_dot_retrieval__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/broker.proto\x12\x0e\x66\x65\x64retrieve.v1\x1a\x16protos/retrieval.proto\"\x9e\x01\n\x13\x42rokerSearchRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\x05\x12\x10\n\x08node_ids\x18\x04 \x03(\t\x12(\n\x07\x66ilters\x18\x05 \x01(\x0b\x32\x17.fedretrieve.v1.Filters\x12\x1d\n\x15require_full_coverage\x18\x06 \x01(\x08\"\xb4\x01\n\x0bNodeOutcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bgrpc_status\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0f\n\x07took_ms\x18\x05 \x01(\x01\x12\x14\n\x0cgallery_size\x18\x06 \x01(\x03\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x13\n\x0bused_vector\x18\x08 \x01(\x08\x12\x0c\n\x04hits\x18\t \x01(\x05\"\xfa\x01\n\x08\x43overage\x12\x13\n\x0bnodes_total\x18\x01 \x01(\x05\x12\x16\n\x0enodes_answered\x18\x02 \x01(\x05\x12\x17\n\x0fnodes_timed_out\x18\x03 \x01(\x05\x12\x14\n\x0cnodes_failed\x18\x04 \x01(\x05\x12\x18\n\x10vectors_searched\x18\x05 \x01(\x03\x12\x15\n\rvectors_total\x18\x06 \x01(\x03\x12\x0c\n\x04\x66ull\x18\x07 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x08 \x03(\t\x12*\n\x05nodes\x18\t \x03(\x0b\x32\x1b.fedretrieve.v1.NodeOutcome\x12\x15\n\rnodes_skipped\x18\n \x01(\x05\"\xae\x01\n\x14\x42rokerSearchResponse\x12!\n\x04hits\x18\x01 \x03(\x0b\x32\x13.fedretrieve.v1.Hit\x12*\n\x08\x63overage\x18\x02 \x01(\x0b\x32\x18.fedretrieve.v1.Coverage\x12\x10\n\x08query_id\x18\x03 \x01(\t\x12\r\n\x05merge\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0f\n\x07took_ms\x18\x06 \x01(\x01\"M\n\x16\x42rokerThumbnailRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\x03\x12\x10\n\x08max_side\x18\x03 \x01(\x05\"\x15\n\x13\x42rokerStatusRequest\"\xe4\x02\n\nNodeHealth\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\r\n\x05state\x18\x04 \x01(\t\x12\x18\n\x10last_check_age_s\x18\x05 \x01(\x01\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x14\n\x0cgallery_size\x18\x07 \x01(\x03\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x12\n\ncamera_ids\x18\t \x03(\t\x12\x14\n\x0cindexed_size\x18\n \x01(\x03\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x0b \x01(\t\x12\x17\n\x0freindex_running\x18\x0c \x01(\x08\x12\x14\n\x0creindex_done\x18\r \x01(\x03\x12\x15\n\rreindex_total\x18\x0e \x01(\x03\x12\x1b\n\x13\x63\x61mera_norm_version\x18\x0f \x01(\t\x12\x13\n\x0bvector_only\x18\x10 \x01(\x08\"X\n\x14\x42rokerStatusResponse\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.fedretrieve.v1.NodeHealth\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xb4\x01\n\x14SearchSimilarRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\x03\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x05\x12\x10\n\x08node_ids\x18\x05 \x03(\t\x12(\n\x07\x66ilters\x18\x06 \x01(\x0b\x32\x17.fedretrieve.v1.Filters\x12\x1d\n\x15require_full_coverage\x18\x07 \x01(\x08\x32\xf1\x02\n\rBrokerService\x12S\n\x06Search\x12#.fedretrieve.v1.BrokerSearchRequest\x1a$.fedretrieve.v1.BrokerSearchResponse\x12Y\n\x0cGetThumbnail\x12&.fedretrieve.v1.BrokerThumbnailRequest\x1a!.fedretrieve.v1.ThumbnailResponse\x12S\n\x06Status\x12#.fedretrieve.v1.BrokerStatusRequest\x1a$.fedretrieve.v1.BrokerStatusResponse\x12[\n\rSearchSimilar\x12$.fedretrieve.v1.SearchSimilarRequest\x1a$.fedretrieve.v1.BrokerSearchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/broker.proto\x12\x0e\x66\x65\x64retrieve.v1\x1a\x16protos/retrieval.proto\"\x9e\x01\n\x13\x42rokerSearchRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\x05\x12\x10\n\x08node_ids\x18\x04 \x03(\t\x12(\n\x07\x66ilters\x18\x05 \x01(\x0b\x32\x17.fedretrieve.v1.Filters\x12\x1d\n\x15require_full_coverage\x18\x06 \x01(\x08\"\xe3\x01\n\x0bNodeOutcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bgrpc_status\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0f\n\x07took_ms\x18\x05 \x01(\x01\x12\x14\n\x0cgallery_size\x18\x06 \x01(\x03\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x13\n\x0bused_vector\x18\x08 \x01(\x08\x12\x0c\n\x04hits\x18\t \x01(\x05\x12-\n\x07student\x18\n \x01(\x0b\x32\x1c.fedretrieve.v1.StudentCheck\"i\n\x0cStudentCheck\x12\x17\n\x0fteacher_version\x18\x01 \x01(\t\x12\x10\n\x08verified\x18\x02 \x01(\x08\x12\x11\n\tagreement\x18\x03 \x01(\x01\x12\r\n\x05\x63rops\x18\x04 \x01(\x05\x12\x0c\n\x04note\x18\x05 \x01(\t\"\xfa\x01\n\x08\x43overage\x12\x13\n\x0bnodes_total\x18\x01 \x01(\x05\x12\x16\n\x0enodes_answered\x18\x02 \x01(\x05\x12\x17\n\x0fnodes_timed_out\x18\x03 \x01(\x05\x12\x14\n\x0cnodes_failed\x18\x04 \x01(\x05\x12\x18\n\x10vectors_searched\x18\x05 \x01(\x03\x12\x15\n\rvectors_total\x18\x06 \x01(\x03\x12\x0c\n\x04\x66ull\x18\x07 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x08 \x03(\t\x12*\n\x05nodes\x18\t \x03(\x0b\x32\x1b.fedretrieve.v1.NodeOutcome\x12\x15\n\rnodes_skipped\x18\n \x01(\x05\"\xae\x01\n\x14\x42rokerSearchResponse\x12!\n\x04hits\x18\x01 \x03(\x0b\x32\x13.fedretrieve.v1.Hit\x12*\n\x08\x63overage\x18\x02 \x01(\x0b\x32\x18.fedretrieve.v1.Coverage\x12\x10\n\x08query_id\x18\x03 \x01(\t\x12\r\n\x05merge\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0f\n\x07took_ms\x18\x06 \x01(\x01\"M\n\x16\x42rokerThumbnailRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\x03\x12\x10\n\x08max_side\x18\x03 \x01(\x05\"\x15\n\x13\x42rokerStatusRequest\"\xaa\x03\n\nNodeHealth\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\r\n\x05state\x18\x04 \x01(\t\x12\x18\n\x10last_check_age_s\x18\x05 \x01(\x01\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x14\n\x0cgallery_size\x18\x07 \x01(\x03\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x12\n\ncamera_ids\x18\t \x03(\t\x12\x14\n\x0cindexed_size\x18\n \x01(\x03\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x0b \x01(\t\x12\x17\n\x0freindex_running\x18\x0c \x01(\x08\x12\x14\n\x0creindex_done\x18\r \x01(\x03\x12\x15\n\rreindex_total\x18\x0e \x01(\x03\x12\x1b\n\x13\x63\x61mera_norm_version\x18\x0f \x01(\t\x12\x13\n\x0bvector_only\x18\x10 \x01(\x08\x12\x15\n\rquery_version\x18\x11 \x01(\t\x12-\n\x07student\x18\x12 \x01(\x0b\x32\x1c.fedretrieve.v1.StudentCheck\"X\n\x14\x42rokerStatusResponse\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.fedretrieve.v1.NodeHealth\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xb4\x01\n\x14SearchSimilarRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\x03\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x05\x12\x10\n\x08node_ids\x18\x05 \x03(\t\x12(\n\x07\x66ilters\x18\x06 \x01(\x0b\x32\x17.fedretrieve.v1.Filters\x12\x1d\n\x15require_full_coverage\x18\x07 \x01(\x08\x32\xf1\x02\n\rBrokerService\x12S\n\x06Search\x12#.fedretrieve.v1.BrokerSearchRequest\x1a$.fedretrieve.v1.BrokerSearchResponse\x12Y\n\x0cGetThumbnail\x12&.fedretrieve.v1.BrokerThumbnailRequest\x1a!.fedretrieve.v1.ThumbnailResponse\x12S\n\x06Status\x12#.fedretrieve.v1.BrokerStatusRequest\x1a$.fedretrieve.v1.BrokerStatusResponse\x12[\n\rSearchSimilar\x12$.fedretrieve.v1.SearchSimilarRequest\x1a$.fedretrieve.v1.BrokerSearchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BROKERSEARCHREQUEST']._serialized_start=64
   _globals['_BROKERSEARCHREQUEST']._serialized_end=222
   _globals['_NODEOUTCOME']._serialized_start=225
-  _globals['_NODEOUTCOME']._serialized_end=405
-  _globals['_COVERAGE']._serialized_start=408
-  _globals['_COVERAGE']._serialized_end=658
-  _globals['_BROKERSEARCHRESPONSE']._serialized_start=661
-  _globals['_BROKERSEARCHRESPONSE']._serialized_end=835
-  _globals['_BROKERTHUMBNAILREQUEST']._serialized_start=837
-  _globals['_BROKERTHUMBNAILREQUEST']._serialized_end=914
-  _globals['_BROKERSTATUSREQUEST']._serialized_start=916
-  _globals['_BROKERSTATUSREQUEST']._serialized_end=937
-  _globals['_NODEHEALTH']._serialized_start=940
-  _globals['_NODEHEALTH']._serialized_end=1296
-  _globals['_BROKERSTATUSRESPONSE']._serialized_start=1298
-  _globals['_BROKERSTATUSRESPONSE']._serialized_end=1386
-  _globals['_SEARCHSIMILARREQUEST']._serialized_start=1389
-  _globals['_SEARCHSIMILARREQUEST']._serialized_end=1569
-  _globals['_BROKERSERVICE']._serialized_start=1572
-  _globals['_BROKERSERVICE']._serialized_end=1941
+  _globals['_NODEOUTCOME']._serialized_end=452
+  _globals['_STUDENTCHECK']._serialized_start=454
+  _globals['_STUDENTCHECK']._serialized_end=559
+  _globals['_COVERAGE']._serialized_start=562
+  _globals['_COVERAGE']._serialized_end=812
+  _globals['_BROKERSEARCHRESPONSE']._serialized_start=815
+  _globals['_BROKERSEARCHRESPONSE']._serialized_end=989
+  _globals['_BROKERTHUMBNAILREQUEST']._serialized_start=991
+  _globals['_BROKERTHUMBNAILREQUEST']._serialized_end=1068
+  _globals['_BROKERSTATUSREQUEST']._serialized_start=1070
+  _globals['_BROKERSTATUSREQUEST']._serialized_end=1091
+  _globals['_NODEHEALTH']._serialized_start=1094
+  _globals['_NODEHEALTH']._serialized_end=1520
+  _globals['_BROKERSTATUSRESPONSE']._serialized_start=1522
+  _globals['_BROKERSTATUSRESPONSE']._serialized_end=1610
+  _globals['_SEARCHSIMILARREQUEST']._serialized_start=1613
+  _globals['_SEARCHSIMILARREQUEST']._serialized_end=1793
+  _globals['_BROKERSERVICE']._serialized_start=1796
+  _globals['_BROKERSERVICE']._serialized_end=2165
 # @@protoc_insertion_point(module_scope)

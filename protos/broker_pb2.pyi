@@ -24,7 +24,7 @@ class BrokerSearchRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., k: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., node_ids: _Optional[_Iterable[str]] = ..., filters: _Optional[_Union[_retrieval_pb2.Filters, _Mapping]] = ..., require_full_coverage: _Optional[bool] = ...) -> None: ...
 
 class NodeOutcome(_message.Message):
-    __slots__ = ("node_id", "state", "grpc_status", "message", "took_ms", "gallery_size", "model_version", "used_vector", "hits")
+    __slots__ = ("node_id", "state", "grpc_status", "message", "took_ms", "gallery_size", "model_version", "used_vector", "hits", "student")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     GRPC_STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class NodeOutcome(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     USED_VECTOR_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     state: str
     grpc_status: str
@@ -43,7 +44,22 @@ class NodeOutcome(_message.Message):
     model_version: str
     used_vector: bool
     hits: int
-    def __init__(self, node_id: _Optional[str] = ..., state: _Optional[str] = ..., grpc_status: _Optional[str] = ..., message: _Optional[str] = ..., took_ms: _Optional[float] = ..., gallery_size: _Optional[int] = ..., model_version: _Optional[str] = ..., used_vector: _Optional[bool] = ..., hits: _Optional[int] = ...) -> None: ...
+    student: StudentCheck
+    def __init__(self, node_id: _Optional[str] = ..., state: _Optional[str] = ..., grpc_status: _Optional[str] = ..., message: _Optional[str] = ..., took_ms: _Optional[float] = ..., gallery_size: _Optional[int] = ..., model_version: _Optional[str] = ..., used_vector: _Optional[bool] = ..., hits: _Optional[int] = ..., student: _Optional[_Union[StudentCheck, _Mapping]] = ...) -> None: ...
+
+class StudentCheck(_message.Message):
+    __slots__ = ("teacher_version", "verified", "agreement", "crops", "note")
+    TEACHER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    CROPS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    teacher_version: str
+    verified: bool
+    agreement: float
+    crops: int
+    note: str
+    def __init__(self, teacher_version: _Optional[str] = ..., verified: _Optional[bool] = ..., agreement: _Optional[float] = ..., crops: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
 
 class Coverage(_message.Message):
     __slots__ = ("nodes_total", "nodes_answered", "nodes_timed_out", "nodes_failed", "vectors_searched", "vectors_total", "full", "degraded", "nodes", "nodes_skipped")
@@ -100,7 +116,7 @@ class BrokerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeHealth(_message.Message):
-    __slots__ = ("node_id", "address", "healthy", "state", "last_check_age_s", "last_error", "gallery_size", "model_version", "camera_ids", "indexed_size", "adapter_version", "reindex_running", "reindex_done", "reindex_total", "camera_norm_version", "vector_only")
+    __slots__ = ("node_id", "address", "healthy", "state", "last_check_age_s", "last_error", "gallery_size", "model_version", "camera_ids", "indexed_size", "adapter_version", "reindex_running", "reindex_done", "reindex_total", "camera_norm_version", "vector_only", "query_version", "student")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +133,8 @@ class NodeHealth(_message.Message):
     REINDEX_TOTAL_FIELD_NUMBER: _ClassVar[int]
     CAMERA_NORM_VERSION_FIELD_NUMBER: _ClassVar[int]
     VECTOR_ONLY_FIELD_NUMBER: _ClassVar[int]
+    QUERY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     healthy: bool
@@ -133,7 +151,9 @@ class NodeHealth(_message.Message):
     reindex_total: int
     camera_norm_version: str
     vector_only: bool
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., state: _Optional[str] = ..., last_check_age_s: _Optional[float] = ..., last_error: _Optional[str] = ..., gallery_size: _Optional[int] = ..., model_version: _Optional[str] = ..., camera_ids: _Optional[_Iterable[str]] = ..., indexed_size: _Optional[int] = ..., adapter_version: _Optional[str] = ..., reindex_running: _Optional[bool] = ..., reindex_done: _Optional[int] = ..., reindex_total: _Optional[int] = ..., camera_norm_version: _Optional[str] = ..., vector_only: _Optional[bool] = ...) -> None: ...
+    query_version: str
+    student: StudentCheck
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., state: _Optional[str] = ..., last_check_age_s: _Optional[float] = ..., last_error: _Optional[str] = ..., gallery_size: _Optional[int] = ..., model_version: _Optional[str] = ..., camera_ids: _Optional[_Iterable[str]] = ..., indexed_size: _Optional[int] = ..., adapter_version: _Optional[str] = ..., reindex_running: _Optional[bool] = ..., reindex_done: _Optional[int] = ..., reindex_total: _Optional[int] = ..., camera_norm_version: _Optional[str] = ..., vector_only: _Optional[bool] = ..., query_version: _Optional[str] = ..., student: _Optional[_Union[StudentCheck, _Mapping]] = ...) -> None: ...
 
 class BrokerStatusResponse(_message.Message):
     __slots__ = ("nodes", "model_version")

@@ -26,7 +26,7 @@ from protos import retrieval_pb2 as protos_dot_retrieval__pb2
 from protos import broker_pb2 as protos_dot_broker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11protos/node.proto\x12\x0e\x66\x65\x64retrieve.v1\x1a\x16protos/retrieval.proto\x1a\x13protos/broker.proto\"\x91\x01\n\rSearchRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x06vector\x18\x02 \x01(\x0b\x32\x1b.fedretrieve.v1.QueryVector\x12\t\n\x01k\x18\x03 \x01(\x05\x12(\n\x07\x66ilters\x18\x04 \x01(\x0b\x32\x17.fedretrieve.v1.Filters\x12\x10\n\x08query_id\x18\x05 \x01(\t\"\xea\x01\n\x0eSearchResponse\x12!\n\x04hits\x18\x01 \x03(\x0b\x32\x13.fedretrieve.v1.Hit\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\x14\n\x0cgallery_size\x18\x04 \x01(\x03\x12\x18\n\x10vectors_searched\x18\x05 \x01(\x03\x12\x13\n\x0bused_vector\x18\x06 \x01(\x08\x12\x0f\n\x07took_ms\x18\x07 \x01(\x01\x12/\n\nlower_tier\x18\x08 \x03(\x0b\x32\x1b.fedretrieve.v1.NodeOutcome\"g\n\tImageItem\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tcamera_id\x18\x02 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x12\x10\n\x08\x63\x61ptions\x18\x04 \x03(\t\x12\x11\n\tfile_name\x18\x05 \x01(\t\":\n\rIngestRequest\x12)\n\x06images\x18\x01 \x03(\x0b\x32\x19.fedretrieve.v1.ImageItem\"B\n\x0cIngestResult\x12\x10\n\x08image_id\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x0eIngestResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.fedretrieve.v1.IngestResult\"G\n\x10ThumbnailRequest\x12\x10\n\x08image_id\x18\x01 \x01(\x03\x12\x10\n\x08max_side\x18\x02 \x01(\x05\x12\x0f\n\x07node_id\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"W\n\x0fReindexProgress\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x16\n\x0etarget_version\x18\x04 \x01(\t\"\xf3\x02\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cgallery_size\x18\x02 \x01(\x03\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x30\n\x07reindex\x18\x07 \x01(\x0b\x32\x1f.fedretrieve.v1.ReindexProgress\x12\x17\n\x0frejected_images\x18\x08 \x01(\x03\x12\x12\n\nindex_type\x18\t \x01(\t\x12\x11\n\tembed_dim\x18\n \x01(\x05\x12\x14\n\x0c\x62\x61\x63kend_note\x18\x0b \x01(\t\x12\x14\n\x0cindexed_size\x18\x0c \x01(\x03\x12\x12\n\ncamera_ids\x18\r \x03(\t\x12\x1b\n\x13\x63\x61mera_norm_version\x18\x0e \x01(\t\x12\x13\n\x0bvector_only\x18\x0f \x01(\x08\"%\n\x11\x45mbedImageRequest\x12\x10\n\x08image_id\x18\x01 \x01(\x03\"j\n\x12\x45mbedImageResponse\x12+\n\x06vector\x18\x01 \x01(\x0b\x32\x1b.fedretrieve.v1.QueryVector\x12\x11\n\tcamera_id\x18\x02 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x32\x92\x03\n\x0bNodeService\x12G\n\x06Search\x12\x1d.fedretrieve.v1.SearchRequest\x1a\x1e.fedretrieve.v1.SearchResponse\x12G\n\x06Ingest\x12\x1d.fedretrieve.v1.IngestRequest\x1a\x1e.fedretrieve.v1.IngestResponse\x12S\n\x0cGetThumbnail\x12 .fedretrieve.v1.ThumbnailRequest\x1a!.fedretrieve.v1.ThumbnailResponse\x12G\n\x06Status\x12\x1d.fedretrieve.v1.StatusRequest\x1a\x1e.fedretrieve.v1.StatusResponse\x12S\n\nEmbedImage\x12!.fedretrieve.v1.EmbedImageRequest\x1a\".fedretrieve.v1.EmbedImageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11protos/node.proto\x12\x0e\x66\x65\x64retrieve.v1\x1a\x16protos/retrieval.proto\x1a\x13protos/broker.proto\"\x91\x01\n\rSearchRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x06vector\x18\x02 \x01(\x0b\x32\x1b.fedretrieve.v1.QueryVector\x12\t\n\x01k\x18\x03 \x01(\x05\x12(\n\x07\x66ilters\x18\x04 \x01(\x0b\x32\x17.fedretrieve.v1.Filters\x12\x10\n\x08query_id\x18\x05 \x01(\t\"\x81\x02\n\x0eSearchResponse\x12!\n\x04hits\x18\x01 \x03(\x0b\x32\x13.fedretrieve.v1.Hit\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12\x14\n\x0cgallery_size\x18\x04 \x01(\x03\x12\x18\n\x10vectors_searched\x18\x05 \x01(\x03\x12\x13\n\x0bused_vector\x18\x06 \x01(\x08\x12\x0f\n\x07took_ms\x18\x07 \x01(\x01\x12/\n\nlower_tier\x18\x08 \x03(\x0b\x32\x1b.fedretrieve.v1.NodeOutcome\x12\x15\n\rquery_version\x18\t \x01(\t\"g\n\tImageItem\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tcamera_id\x18\x02 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x12\x10\n\x08\x63\x61ptions\x18\x04 \x03(\t\x12\x11\n\tfile_name\x18\x05 \x01(\t\":\n\rIngestRequest\x12)\n\x06images\x18\x01 \x03(\x0b\x32\x19.fedretrieve.v1.ImageItem\"B\n\x0cIngestResult\x12\x10\n\x08image_id\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x0eIngestResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.fedretrieve.v1.IngestResult\"G\n\x10ThumbnailRequest\x12\x10\n\x08image_id\x18\x01 \x01(\x03\x12\x10\n\x08max_side\x18\x02 \x01(\x05\x12\x0f\n\x07node_id\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"W\n\x0fReindexProgress\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x16\n\x0etarget_version\x18\x04 \x01(\t\"\x8a\x03\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cgallery_size\x18\x02 \x01(\x03\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x30\n\x07reindex\x18\x07 \x01(\x0b\x32\x1f.fedretrieve.v1.ReindexProgress\x12\x17\n\x0frejected_images\x18\x08 \x01(\x03\x12\x12\n\nindex_type\x18\t \x01(\t\x12\x11\n\tembed_dim\x18\n \x01(\x05\x12\x14\n\x0c\x62\x61\x63kend_note\x18\x0b \x01(\t\x12\x14\n\x0cindexed_size\x18\x0c \x01(\x03\x12\x12\n\ncamera_ids\x18\r \x03(\t\x12\x1b\n\x13\x63\x61mera_norm_version\x18\x0e \x01(\t\x12\x13\n\x0bvector_only\x18\x0f \x01(\x08\x12\x15\n\rquery_version\x18\x10 \x01(\t\"4\n\x11\x45mbedImageRequest\x12\x10\n\x08image_id\x18\x01 \x01(\x03\x12\r\n\x05image\x18\x02 \x01(\x0c\"j\n\x12\x45mbedImageResponse\x12+\n\x06vector\x18\x01 \x01(\x0b\x32\x1b.fedretrieve.v1.QueryVector\x12\x11\n\tcamera_id\x18\x02 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x32\x92\x03\n\x0bNodeService\x12G\n\x06Search\x12\x1d.fedretrieve.v1.SearchRequest\x1a\x1e.fedretrieve.v1.SearchResponse\x12G\n\x06Ingest\x12\x1d.fedretrieve.v1.IngestRequest\x1a\x1e.fedretrieve.v1.IngestResponse\x12S\n\x0cGetThumbnail\x12 .fedretrieve.v1.ThumbnailRequest\x1a!.fedretrieve.v1.ThumbnailResponse\x12G\n\x06Status\x12\x1d.fedretrieve.v1.StatusRequest\x1a\x1e.fedretrieve.v1.StatusResponse\x12S\n\nEmbedImage\x12!.fedretrieve.v1.EmbedImageRequest\x1a\".fedretrieve.v1.EmbedImageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,27 +36,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEARCHREQUEST']._serialized_start=83
   _globals['_SEARCHREQUEST']._serialized_end=228
   _globals['_SEARCHRESPONSE']._serialized_start=231
-  _globals['_SEARCHRESPONSE']._serialized_end=465
-  _globals['_IMAGEITEM']._serialized_start=467
-  _globals['_IMAGEITEM']._serialized_end=570
-  _globals['_INGESTREQUEST']._serialized_start=572
-  _globals['_INGESTREQUEST']._serialized_end=630
-  _globals['_INGESTRESULT']._serialized_start=632
-  _globals['_INGESTRESULT']._serialized_end=698
-  _globals['_INGESTRESPONSE']._serialized_start=700
-  _globals['_INGESTRESPONSE']._serialized_end=763
-  _globals['_THUMBNAILREQUEST']._serialized_start=765
-  _globals['_THUMBNAILREQUEST']._serialized_end=836
-  _globals['_STATUSREQUEST']._serialized_start=838
-  _globals['_STATUSREQUEST']._serialized_end=853
-  _globals['_REINDEXPROGRESS']._serialized_start=855
-  _globals['_REINDEXPROGRESS']._serialized_end=942
-  _globals['_STATUSRESPONSE']._serialized_start=945
-  _globals['_STATUSRESPONSE']._serialized_end=1316
-  _globals['_EMBEDIMAGEREQUEST']._serialized_start=1318
-  _globals['_EMBEDIMAGEREQUEST']._serialized_end=1355
-  _globals['_EMBEDIMAGERESPONSE']._serialized_start=1357
-  _globals['_EMBEDIMAGERESPONSE']._serialized_end=1463
-  _globals['_NODESERVICE']._serialized_start=1466
-  _globals['_NODESERVICE']._serialized_end=1868
+  _globals['_SEARCHRESPONSE']._serialized_end=488
+  _globals['_IMAGEITEM']._serialized_start=490
+  _globals['_IMAGEITEM']._serialized_end=593
+  _globals['_INGESTREQUEST']._serialized_start=595
+  _globals['_INGESTREQUEST']._serialized_end=653
+  _globals['_INGESTRESULT']._serialized_start=655
+  _globals['_INGESTRESULT']._serialized_end=721
+  _globals['_INGESTRESPONSE']._serialized_start=723
+  _globals['_INGESTRESPONSE']._serialized_end=786
+  _globals['_THUMBNAILREQUEST']._serialized_start=788
+  _globals['_THUMBNAILREQUEST']._serialized_end=859
+  _globals['_STATUSREQUEST']._serialized_start=861
+  _globals['_STATUSREQUEST']._serialized_end=876
+  _globals['_REINDEXPROGRESS']._serialized_start=878
+  _globals['_REINDEXPROGRESS']._serialized_end=965
+  _globals['_STATUSRESPONSE']._serialized_start=968
+  _globals['_STATUSRESPONSE']._serialized_end=1362
+  _globals['_EMBEDIMAGEREQUEST']._serialized_start=1364
+  _globals['_EMBEDIMAGEREQUEST']._serialized_end=1416
+  _globals['_EMBEDIMAGERESPONSE']._serialized_start=1418
+  _globals['_EMBEDIMAGERESPONSE']._serialized_end=1524
+  _globals['_NODESERVICE']._serialized_start=1527
+  _globals['_NODESERVICE']._serialized_end=1929
 # @@protoc_insertion_point(module_scope)

@@ -23,7 +23,7 @@ class SearchRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., vector: _Optional[_Union[_retrieval_pb2.QueryVector, _Mapping]] = ..., k: _Optional[int] = ..., filters: _Optional[_Union[_retrieval_pb2.Filters, _Mapping]] = ..., query_id: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "model_version", "adapter_version", "gallery_size", "vectors_searched", "used_vector", "took_ms", "lower_tier")
+    __slots__ = ("hits", "model_version", "adapter_version", "gallery_size", "vectors_searched", "used_vector", "took_ms", "lower_tier", "query_version")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class SearchResponse(_message.Message):
     USED_VECTOR_FIELD_NUMBER: _ClassVar[int]
     TOOK_MS_FIELD_NUMBER: _ClassVar[int]
     LOWER_TIER_FIELD_NUMBER: _ClassVar[int]
+    QUERY_VERSION_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[_retrieval_pb2.Hit]
     model_version: str
     adapter_version: str
@@ -40,7 +41,8 @@ class SearchResponse(_message.Message):
     used_vector: bool
     took_ms: float
     lower_tier: _containers.RepeatedCompositeFieldContainer[_broker_pb2.NodeOutcome]
-    def __init__(self, hits: _Optional[_Iterable[_Union[_retrieval_pb2.Hit, _Mapping]]] = ..., model_version: _Optional[str] = ..., adapter_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., vectors_searched: _Optional[int] = ..., used_vector: _Optional[bool] = ..., took_ms: _Optional[float] = ..., lower_tier: _Optional[_Iterable[_Union[_broker_pb2.NodeOutcome, _Mapping]]] = ...) -> None: ...
+    query_version: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[_retrieval_pb2.Hit, _Mapping]]] = ..., model_version: _Optional[str] = ..., adapter_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., vectors_searched: _Optional[int] = ..., used_vector: _Optional[bool] = ..., took_ms: _Optional[float] = ..., lower_tier: _Optional[_Iterable[_Union[_broker_pb2.NodeOutcome, _Mapping]]] = ..., query_version: _Optional[str] = ...) -> None: ...
 
 class ImageItem(_message.Message):
     __slots__ = ("data", "camera_id", "timestamp_ms", "captions", "file_name")
@@ -105,7 +107,7 @@ class ReindexProgress(_message.Message):
     def __init__(self, running: _Optional[bool] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., target_version: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "gallery_size", "index_version", "model_version", "adapter_version", "backend", "reindex", "rejected_images", "index_type", "embed_dim", "backend_note", "indexed_size", "camera_ids", "camera_norm_version", "vector_only")
+    __slots__ = ("node_id", "gallery_size", "index_version", "model_version", "adapter_version", "backend", "reindex", "rejected_images", "index_type", "embed_dim", "backend_note", "indexed_size", "camera_ids", "camera_norm_version", "vector_only", "query_version")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GALLERY_SIZE_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +123,7 @@ class StatusResponse(_message.Message):
     CAMERA_IDS_FIELD_NUMBER: _ClassVar[int]
     CAMERA_NORM_VERSION_FIELD_NUMBER: _ClassVar[int]
     VECTOR_ONLY_FIELD_NUMBER: _ClassVar[int]
+    QUERY_VERSION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     gallery_size: int
     index_version: str
@@ -136,13 +139,16 @@ class StatusResponse(_message.Message):
     camera_ids: _containers.RepeatedScalarFieldContainer[str]
     camera_norm_version: str
     vector_only: bool
-    def __init__(self, node_id: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., adapter_version: _Optional[str] = ..., backend: _Optional[str] = ..., reindex: _Optional[_Union[ReindexProgress, _Mapping]] = ..., rejected_images: _Optional[int] = ..., index_type: _Optional[str] = ..., embed_dim: _Optional[int] = ..., backend_note: _Optional[str] = ..., indexed_size: _Optional[int] = ..., camera_ids: _Optional[_Iterable[str]] = ..., camera_norm_version: _Optional[str] = ..., vector_only: _Optional[bool] = ...) -> None: ...
+    query_version: str
+    def __init__(self, node_id: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., adapter_version: _Optional[str] = ..., backend: _Optional[str] = ..., reindex: _Optional[_Union[ReindexProgress, _Mapping]] = ..., rejected_images: _Optional[int] = ..., index_type: _Optional[str] = ..., embed_dim: _Optional[int] = ..., backend_note: _Optional[str] = ..., indexed_size: _Optional[int] = ..., camera_ids: _Optional[_Iterable[str]] = ..., camera_norm_version: _Optional[str] = ..., vector_only: _Optional[bool] = ..., query_version: _Optional[str] = ...) -> None: ...
 
 class EmbedImageRequest(_message.Message):
-    __slots__ = ("image_id",)
+    __slots__ = ("image_id", "image")
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
     image_id: int
-    def __init__(self, image_id: _Optional[int] = ...) -> None: ...
+    image: bytes
+    def __init__(self, image_id: _Optional[int] = ..., image: _Optional[bytes] = ...) -> None: ...
 
 class EmbedImageResponse(_message.Message):
     __slots__ = ("vector", "camera_id", "timestamp_ms")

@@ -91,7 +91,7 @@ class NodeServiceServicer:
 
     def EmbedImage(self, request, context):
         """The owner node embeds one of its own crops (find similar): the vector leaves the node,
-        the image does not.
+        the image does not. With `image` set instead: a broker's calibration probe.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -2,7 +2,8 @@
 
 Why a seam: on a laptop the node runs PyTorch eager; on a Jetson the same daemon runs an
 ONNX Runtime or TensorRT export of the same merged model. The node only needs
-`encode_text`, `encode_images`, `version`, `embed_dim`, `text_tower` and a `name`, so a
+`encode_text`, `encode_images`, `version`, `query_version`, `embed_dim`, `text_tower` and a
+`name`, so a
 backend is any object with those, made by the module that `edge_node.accel.registry` names
 for the config's `backend` key. One backend object per (model, adapter) pair lives in a
 process; the service and the indexer share it.
@@ -29,6 +30,9 @@ class EmbeddingBackend(Protocol):
 
     name: str  # "torch", "onnxruntime", ...
     version: str  # identical on every machine for the same base + adapter
+    # the version whose query vectors are valid here: a distilled student's teacher's
+    # (model dir's `teacher`, or an export manifest's `query_version`), else `version`
+    query_version: str
     adapter_version: str  # "" for the base model
     embed_dim: int
     note: str  # shown in Status, e.g. "onnx export pending, serving with torch"

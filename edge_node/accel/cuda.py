@@ -56,6 +56,7 @@ class CudaBackend:
         self.text_tower = text_tower
         self.fp16 = fp16
         self.version = str(model.version)
+        self.query_version = model.query_version  # a student's teacher's version
         self.embed_dim = int(model.embed_dim)
         self.adapter_version = adapter_version
         self.note = note or f"pytorch on {torch.cuda.get_device_name(self.device)}" + (

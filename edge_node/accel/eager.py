@@ -33,6 +33,7 @@ class TorchBackend:
             drop_text_tower(model)
         self.model = model.eval()
         self.version = str(model.version)
+        self.query_version = model.query_version  # a student's teacher's version
         self.embed_dim = int(model.embed_dim)
         self.adapter_version = adapter_version
         self.note = note

@@ -190,6 +190,7 @@ def export_model(
             model_spec=str(model_spec),
             model_name=str(model.name),
             model_version=str(model.version),
+            query_version=str(model.query_version),
             adapter_version=adapter_version,
             embed_dim=int(model.embed_dim),
             preprocess=model.preprocess.to_dict(),

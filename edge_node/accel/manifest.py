@@ -4,8 +4,9 @@ Kept apart from the exporter (`edge_node.accel.export`) because the runtime back
 (onnxruntime, TensorRT) only need to read and verify exports: a Jetson that serves a
 pre-built export never imports torch.onnx. An export directory holds
 
-    fedretrieve_export.json   manifest: model spec and version, adapter version, input size,
-                              normalisation, embedding dim, text length, sha256 of every file
+    fedretrieve_export.json   manifest: model spec and version, adapter version, the query
+                              version (a student's teacher's), input size, normalisation,
+                              embedding dim, text length, sha256 of every file
     image.onnx                (batch, 3, H, W) float32 normalised pixels -> (batch, D) unit rows
     text.onnx                 input_ids, attention_mask (batch, seq) int64 -> (batch, D) unit rows
     tokenizer/                the text tower's tokenizer (no hub needed on the node)
@@ -55,6 +56,14 @@ class ExportManifest:
     quantization: dict = field(default_factory=dict)  # per tower: mode, calibration images
     tools: dict = field(default_factory=dict)  # library versions that wrote the export
     format_version: int = FORMAT_VERSION
+    # whose query vectors the export's index accepts: a distilled student's teacher's
+    # version, else model_version. "" (a manifest written before the field) reads as
+    # model_version, so older exports load unchanged.
+    query_version: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.query_version:
+            object.__setattr__(self, "query_version", self.model_version)
 
     @property
     def input_size(self) -> tuple[int, int]:

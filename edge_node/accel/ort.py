@@ -55,6 +55,7 @@ class OrtBackend:
         )
         m = self.manifest
         self.version = m.model_version
+        self.query_version = m.query_version
         self.adapter_version = m.adapter_version
         self.embed_dim = m.embed_dim
         self.precision = m.precision

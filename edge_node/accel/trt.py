@@ -164,6 +164,7 @@ class TrtBackend:
         self.version, self.adapter_version, self.embed_dim = (
             m.model_version, m.adapter_version, m.embed_dim,
         )  # fmt: skip
+        self.query_version = m.query_version
         self.note = note or f"tensorrt {m.precision} engines {self.export_dir}"
         self.device = torch.device(device if device.startswith("cuda") else "cuda:0")
         self.preprocess = PreprocessCfg.from_dict(m.preprocess)

@@ -41,6 +41,7 @@ class SearchResult:
     vectors_searched: int
     used_vector: bool
     took_ms: float
+    query_version: str = ""  # whose query vectors the node accepts (a student's teacher's)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class EmbeddedImage:
 
     vector: np.ndarray  # (embed_dim,) float32, unit length
     model_version: str
-    camera_id: str
+    camera_id: str  # "" and 0 for a calibration probe's crop (from no camera)
     timestamp_ms: int
 
 
@@ -90,3 +91,5 @@ class NodeStatus:
     # [camera-norm] is off; index_version names them too, model_version never does
     camera_norm_version: str = ""
     vector_only: bool = False  # served without the text tower (`text-tower = false`)
+    # whose query vectors the node accepts: model_version, or a student's teacher's version
+    query_version: str = ""

@@ -149,14 +149,22 @@ def check_image(item: IngestItem, limits: Limits) -> tuple[str, int, int]:
         raise Rejected(
             f"at most {limits.max_captions} captions of {limits.max_caption_chars} characters"
         )
-    if not item.data:
+    img = open_image_data(item.data, limits)
+    return img.format, img.width, img.height
+
+
+def open_image_data(data: bytes, limits: Limits) -> Image.Image:
+    """Decode encoded image bytes, fully, under the [limits] an ingested image meets
+    (size, pixels, accepted formats, no truncation); raise Rejected naming the problem.
+    Ingest and the broker's calibration probe (`Node.embed_crop`) both come through here."""
+    if not data:
         raise Rejected("empty file")
-    if len(item.data) > limits.max_image_bytes:
-        raise Rejected(f"{len(item.data)} bytes exceeds max-image-bytes {limits.max_image_bytes}")
+    if len(data) > limits.max_image_bytes:
+        raise Rejected(f"{len(data)} bytes exceeds max-image-bytes {limits.max_image_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(item.data))
+            img = Image.open(io.BytesIO(data))
             fmt, (width, height) = img.format, img.size
             if fmt not in FORMATS:
                 raise Rejected(f"format {fmt} not accepted (use {', '.join(FORMATS)})")
@@ -175,7 +183,7 @@ def check_image(item: IngestItem, limits: Limits) -> tuple[str, int, int]:
         raise Rejected(f"corrupt image: {err}") from err
     if width < 1 or height < 1:
         raise Rejected(f"degenerate size {width}x{height}")
-    return fmt, width, height
+    return img
 
 
 def _stored(text: str, max_chars: int) -> str:

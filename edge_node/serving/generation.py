@@ -55,3 +55,10 @@ class Generation:
     def version(self) -> str:
         """The model version: what query vectors and hits are stamped with."""
         return self.backend.version
+
+    @property
+    def query_version(self) -> str:
+        """The other version whose query vectors search this index: a distilled student's
+        teacher's (equal to `version` for an ordinary model, and for a backend that
+        predates the attribute)."""
+        return getattr(self.backend, "query_version", "") or self.backend.version

@@ -25,7 +25,7 @@ from edge_node.config import NodeConfig
 from .camera_stats import GalleryCameraStats, refit_due
 from .domain import EmbeddedImage, NodeStatus, SearchHit, SearchQuery, SearchResult, Thumbnail
 from .dropfolder import DropFolder
-from .gallery import Gallery, IngestItem, IngestOutcome
+from .gallery import Gallery, IngestItem, IngestOutcome, Rejected, open_image_data
 from .generation import BackendFactory, Generation, index_version
 from .hotswap import AdapterCandidate, AdapterSwap, latest_adapter
 from .index_store import IndexStore
@@ -128,18 +128,18 @@ class Node:
         check_search(q, self.config.limits)  # strings, lists, k: before any work
         allowed = self.gallery.select_ids(q.camera_ids, q.since_ms, q.until_ms)
         text = q.text.strip()
-        if q.vector is not None and q.vector_version == gen.version:
+        if q.vector is not None and q.vector_version in (gen.version, gen.query_version):
             query = _check_vector(q.vector, gen)
             used_vector = True
         elif not gen.backend.text_tower and (text or q.vector is not None):
-            raise TextTowerAbsent(_vector_only_refusal(self.config.node_id, gen.version, q))
+            raise TextTowerAbsent(_vector_only_refusal(self.config.node_id, gen, q))
         elif text:
             query = gen.backend.encode_text([text])[0]
             used_vector = False
         elif q.vector is not None:
             raise InvalidQuery(
                 f"query vector was made by model version {q.vector_version!r} but this node runs "
-                f"{gen.version!r}; send the query text too so the node can encode it"
+                f"{_accepted_versions(gen)}; send the query text too so the node can encode it"
             )
         else:
             raise InvalidQuery("empty query: give a text (or a vector of the node's model version)")
@@ -156,6 +156,7 @@ class Node:
             vectors_searched=searched,
             used_vector=used_vector,
             took_ms=(time.perf_counter() - t0) * 1000,
+            query_version=gen.query_version,
         )
 
     def ingest(self, items: list[IngestItem]) -> list[IngestOutcome]:
@@ -192,6 +193,19 @@ class Node:
             np.asarray(vector, dtype=np.float32), gen.version, rec.camera_id, rec.timestamp_ms
         )
 
+    def embed_crop(self, data: bytes) -> EmbeddedImage:
+        """A crop the caller sent embedded by the active generation and not stored: the
+        broker's calibration probe, which compares a student's image embeddings with its own
+        model's. Checked as an ingested image is (`open_image_data`, [limits]); embedded as
+        is, without camera gains, since it comes from none of this node's cameras."""
+        try:
+            img = open_image_data(data, self.config.limits)
+        except Rejected as err:
+            raise InvalidQuery(f"EmbedImage: `image` refused: {err}") from err
+        gen = self._active
+        vector = gen.backend.encode_images([img.convert("RGB")])[0]
+        return EmbeddedImage(np.asarray(vector, dtype=np.float32), gen.version, "", 0)
+
     def status(self) -> NodeStatus:
         gen = self._active
         r = self._swap.progress.snapshot()
@@ -212,6 +226,7 @@ class Node:
             reindex=r,
             camera_norm_version=gen.norm.version if self._camera_stats is not None else "",
             vector_only=not gen.backend.text_tower,
+            query_version=gen.query_version,
         )
 
     # ------------------------------------------------------------------ workers
@@ -375,7 +390,15 @@ class Node:
         self.metrics.close()
 
 
-def _vector_only_refusal(node_id: str, version: str, q: SearchQuery) -> str:
+def _accepted_versions(gen: Generation) -> str:
+    """The query-vector versions `gen` accepts, for a refusal message: its own, and a
+    student's teacher's too."""
+    if gen.query_version == gen.version:
+        return repr(gen.version)
+    return f"{gen.version!r} (a student of {gen.query_version!r}, whose vectors it also takes)"
+
+
+def _vector_only_refusal(node_id: str, gen: Generation, q: SearchQuery) -> str:
     """Why a vector-only node cannot answer `q`, and what it needs instead."""
     sent = (
         f"; the vector sent is of model version {short_repr(q.vector_version)}"
@@ -384,7 +407,7 @@ def _vector_only_refusal(node_id: str, version: str, q: SearchQuery) -> str:
     )
     return (
         f"node {node_id} serves vector queries only (text-tower = false): send a query "
-        f"vector of model version {version!r}{sent}"
+        f"vector of model version {_accepted_versions(gen)}{sent}"
     )
 
 

@@ -25,6 +25,7 @@ from protos import node_pb2, node_pb2_grpc, retrieval_pb2
 
 from .domain import SearchQuery, SearchResult
 from .gallery import IngestItem
+from .validation import check_embed_image
 
 if TYPE_CHECKING:  # importing .node loads faiss: the daemon sets its logging up first
     from .node import Node
@@ -101,6 +102,7 @@ def result_to_proto(result: SearchResult, node_id: str) -> node_pb2.SearchRespon
         vectors_searched=result.vectors_searched,
         used_vector=result.used_vector,
         took_ms=result.took_ms,
+        query_version=result.query_version,
     )
 
 
@@ -155,7 +157,11 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
 
     @rpc
     def EmbedImage(self, request, context):
-        embedded = self.node.embed_image(request.image_id)
+        check_embed_image(request.image_id, request.image)
+        if request.image:  # a broker's calibration probe: embedded, not stored
+            embedded = self.node.embed_crop(request.image)
+        else:
+            embedded = self.node.embed_image(request.image_id)
         return node_pb2.EmbedImageResponse(
             vector=retrieval_pb2.QueryVector(
                 values=embedded.vector.tolist(), model_version=embedded.model_version
@@ -188,4 +194,5 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             camera_ids=self.node.gallery.cameras(),  # the broker routes camera filters by these
             camera_norm_version=s.camera_norm_version,
             vector_only=s.vector_only,
+            query_version=s.query_version,
         )

@@ -89,3 +89,14 @@ def check_search(q: SearchQuery, limits: Limits) -> None:
             f"filters.camera_ids: {len(long):,} ids longer than max-camera-id-chars "
             f"{limits.max_camera_id_chars}: {name_some(long, limit=_SHOWN)}"
         )
+
+
+def check_embed_image(image_id: int, image: bytes) -> None:
+    """EmbedImage names exactly one crop: a gallery `image_id` (find similar) or the
+    `image` bytes of a calibration probe; raise InvalidQuery otherwise."""
+    if image_id and image:
+        raise InvalidQuery("EmbedImage: give `image_id` or `image`, not both")
+    if not image_id and not image:
+        raise InvalidQuery(
+            "EmbedImage: give `image_id` (a gallery crop) or `image` (encoded crop bytes)"
+        )

@@ -9,7 +9,9 @@ Flow of a Search (DESIGN.md §7):
    are cancelled when that time is up; they become `timed_out` coverage entries.
 4. Merge: one model version among the answers -> exact heap merge of raw cosine scores;
    several versions (a node that encoded the text with another model) -> reciprocal rank
-   fusion, reported as `merge="rrf"` and degraded reason `mixed_model_versions`.
+   fusion, reported as `merge="rrf"` and degraded reason `mixed_model_versions`. A
+   distilled student of the broker's model whose embeddings the broker verified
+   (`students`) counts as the broker's version: merged by score, named in coverage.
 5. Report coverage (`coverage`); never drop a node silently. No node answered -> UNAVAILABLE.
 
 `Broker` keeps the orchestration of those steps, the thumbnail proxy, status and the
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import grpc
+import numpy as np
 
 from common.errors import FedRetrieveError, NotFound, Unavailable, status_code_for
 from protos import broker_pb2, node_pb2, retrieval_pb2
@@ -44,6 +47,7 @@ from server.broker.fanout import AdaptiveWait, NodeCall, collect, fan_out
 from server.broker.metrics import BrokerMetrics
 from server.broker.registry import NodeRegistry
 from server.broker.routing import route_cameras
+from server.broker.students import StudentChecks
 from server.broker.topk import hits_per_node
 from server.broker.validation import (
     MAX_THUMBNAIL_SIDE,
@@ -69,11 +73,15 @@ log = logging.getLogger(__name__)
 
 
 class TextEncoder(Protocol):
-    """What the broker needs of the global model (common.model.DualEncoder fits)."""
+    """What the broker needs of the global model (common.model.DualEncoder fits):
+    `encode_text` for every query; `encode_images` only to verify student nodes
+    (server/broker/students.py), and an encoder without it verifies none."""
 
     version: str
 
     def encode_text(self, texts: list[str]) -> Any: ...
+
+    def encode_images(self, images: list[Any]) -> Any: ...
 
 
 def new_query_id() -> str:
@@ -132,6 +140,8 @@ class Broker:
         self._closers: list[Callable[[], None]] = []
         self._closers_lock = threading.Lock()  # add_closer (daemon) vs close (any thread)
         self.metrics_port: int | None = None  # set by the daemon when metrics are served
+        self.students = StudentChecks(config.students)
+        registry.after_checks(self.verify_students)
         registry.watch_health(  # the gauge follows the periodic checks, not Status calls
             lambda node_id, healthy: self.metrics.node_healthy.labels(node_id).set(
                 1.0 if healthy else 0.0
@@ -178,6 +188,33 @@ class Broker:
             version = self._encoder.version
         values = [float(x) for x in out[0].tolist()]
         return retrieval_pb2.QueryVector(values=values, model_version=version)
+
+    def embed_images(self, images: list[Any], batch_size: int = 8) -> tuple[str, np.ndarray] | None:
+        """(version, unit rows) of `images` by the global model's image tower, a few at a
+        time so queries wait at most one batch; None without an encoder that embeds images,
+        or when the global model changed in between."""
+        rows, version = [], None
+        for i in range(0, len(images), batch_size):
+            with self._encoder_lock:
+                encoder = self._encoder
+                if encoder is None or not hasattr(encoder, "encode_images"):
+                    return None
+                if version not in (None, encoder.version):
+                    return None
+                version = encoder.version
+                out = encoder.encode_images(images[i : i + batch_size])
+            rows.append(np.asarray(out, dtype=np.float32))
+        return (version or "", np.concatenate(rows)) if rows else None
+
+    def verify_students(self) -> None:
+        """After a health-check round: probe each student node of the global model that
+        has no verdict yet (server/broker/students.py)."""
+        version = self.model_version
+        for node_id in self.registry.ids:
+            self.students.verify(
+                self.registry.get(node_id), self.registry.snapshot(node_id), version,
+                self.embed_images,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ search
     @_counted_query
@@ -276,7 +313,8 @@ class Broker:
         )
         calls = fan.calls
 
-        outcomes, answers = [], {}
+        sent = vector.model_version if vector is not None else ""
+        outcomes, answers, same_space = [], {}, {}
         for node in targets:
             if node.id not in calls:
                 outcomes.append(skipped_outcome(node.id, self.registry.snapshot(node.id)))
@@ -289,10 +327,14 @@ class Broker:
             outcomes.append(outcome)
             if answer is not None:
                 answers[node.id] = answer
+                known = self.registry.snapshot(node.id)  # a node older than query_version
+                query_version = answer.query_version or known.query_version
+                if self.students.note_answer(outcome, answer, query_version, sent):
+                    same_space[node.id] = sent  # a verified student: scores comparable
             self.metrics.observe_node(
                 outcome.node_id, outcome.state, outcome.grpc_status, outcome.took_ms
             )
-        response = self._respond(outcomes, answers, valid.k, query_id)
+        response = self._respond(outcomes, answers, valid.k, query_id, same_space)
         if fan.cut_at is not None:
             response.coverage.degraded.append("adaptive_timeout")
         response.took_ms = (self._clock() - started) * 1000.0
@@ -305,13 +347,14 @@ class Broker:
         answers: dict[str, node_pb2.SearchResponse],
         k: int,
         query_id: str,
+        same_space: dict[str, str] | None = None,
     ) -> broker_pb2.BrokerSearchResponse:
         coverage = coverage_of(outcomes, answers)
         require_an_answer(coverage, outcomes, query_id)
         response = broker_pb2.BrokerSearchResponse(
             query_id=query_id, model_version=self.model_version, coverage=coverage
         )
-        _merge_into(response, answers, k)
+        _merge_into(response, answers, k, same_space)
         return response
 
     def _finish(
@@ -389,7 +432,13 @@ class Broker:
                 reindex_done=s.reindex[1],
                 reindex_total=s.reindex[2],
                 vector_only=s.vector_only,
+                query_version=s.query_version,
             )
+            check = self.students.check_of(
+                node_id, s.model_version, s.query_version, response.model_version
+            )
+            if check is not None:
+                response.nodes[-1].student.CopyFrom(check)
         return response
 
 
@@ -397,11 +446,16 @@ def _merge_into(
     response: broker_pb2.BrokerSearchResponse,
     answers: dict[str, node_pb2.SearchResponse],
     k: int,
+    score_space: dict[str, str] | None = None,
 ) -> None:
-    """Merged hits into `response`: exact score merge for one model version, RRF for several."""
+    """Merged hits into `response`: exact score merge for one model version, RRF for several.
+    `score_space` maps a node to the version its scores are comparable with when that is
+    not its own (a verified student: the broker's); its hits keep their own version."""
+    score_space = score_space or {}
     by_version: dict[str, list[list[retrieval_pb2.Hit]]] = {}
     for node_id, answer in answers.items():
-        by_version.setdefault(answer.model_version, []).append(list(_hits_of(node_id, answer)))
+        version = score_space.get(node_id, answer.model_version)
+        by_version.setdefault(version, []).append(list(_hits_of(node_id, answer)))
     if len(by_version) <= 1:  # zero: every selected node was skipped by camera routing
         response.merge = "score"
         for lists in by_version.values():

@@ -94,6 +94,56 @@ class TailSettings:
             )
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def calibration_files(folder: Path) -> list[Path]:
+    """The image files under `folder` (recursively), sorted: the calibration crops."""
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+
+
+@dataclass(frozen=True)
+class StudentSettings:
+    """`[students]`: when a distilled student node's scores may be merged with the broker's
+    model's by score (server/broker/students.py says how it is checked).
+
+    `calibration-crops`: a folder of person crops the operator provides (relative to the
+    config file). A node whose Status says it is a student of the broker's model gets them
+    through `EmbedImage(image=...)` once per (node, its model version, the broker's model
+    version), at health-check time, and the broker embeds them too. `min-agreement`: the
+    mean cosine between the two at or above which the student counts as verified and its
+    answers are merged by score. Unset crops: no student is verified (rank fusion, as for
+    any other version). `probe-timeout-s`: the limit of each probe call."""
+
+    calibration_crops: Path | None = None
+    min_agreement: float = 0.9
+    probe_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_agreement <= 1.0:
+            raise ConfigError(
+                f"students: `min-agreement` must be a mean cosine in (0, 1], got "
+                f"{self.min_agreement}"
+            )
+        if self.probe_timeout_s <= 0:
+            raise ConfigError(
+                f"students: `probe-timeout-s` must be positive, got {self.probe_timeout_s}"
+            )
+        folder = self.calibration_crops
+        if folder is None:
+            return
+        if not Path(folder).is_dir():
+            raise ConfigError(
+                f"students: `calibration-crops` {folder} is not a folder (of person crops)"
+            )
+        if not calibration_files(Path(folder)):
+            raise ConfigError(
+                f"students: `calibration-crops` {folder} holds no {'/'.join(IMAGE_SUFFIXES)} images"
+            )
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     """Everything `fedretrieve broker serve` needs; validated before a port is bound."""
@@ -123,6 +173,7 @@ class BrokerConfig:
     retry_max_attempts: int = 3  # retries happen on UNAVAILABLE only, inside the deadline
     workers: int = 16  # threads serving operator calls
     tail: TailSettings = TailSettings()  # adaptive wait and fewer hits per node (off)
+    students: StudentSettings = StudentSettings()  # no crops: no student is score-merged
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -243,6 +294,9 @@ def broker_config_from_dict(data: dict[str, Any], base_dir: Path | str = ".") ->
     if "tls" in data:
         data["tls"] = _resolve_tls(dict(data["tls"]), base, "tls")
     resolve_paths(data, ("adapter",), base, "")
+    if isinstance(data.get("students"), dict):
+        data["students"] = dict(data["students"])
+        resolve_paths(data["students"], ("calibration_crops",), base, "students")
     return from_dict(BrokerConfig, data, "broker config")
 
 

@@ -90,6 +90,7 @@ class NodeState:
     camera_norm_version: str = ""  # "" = the node does not normalise cameras
     reindex: tuple[bool, int, int] = (False, 0, 0)  # running, done, total
     vector_only: bool = False  # no text tower: answers only vectors of its model version
+    query_version: str = ""  # query vectors it accepts: model_version, or a student's teacher's
 
 
 class NodeClient:
@@ -126,6 +127,7 @@ class NodeRegistry:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._on_health: Callable[[str, bool], None] | None = None
+        self._after_checks: Callable[[], None] | None = None
 
     def watch_health(self, listener: Callable[[str, bool], None]) -> None:
         """Call `listener(node_id, healthy)` after every health check of every node (and
@@ -133,6 +135,11 @@ class NodeRegistry:
         self._on_health = listener
         for node_id in self.ids:
             listener(node_id, self.snapshot(node_id).healthy)
+
+    def after_checks(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every finished round of health checks, on the checking
+        thread: the broker verifies student nodes there, never on the query path."""
+        self._after_checks = listener
 
     # ------------------------------------------------------------------ lookup
     @property
@@ -181,6 +188,9 @@ class NodeRegistry:
             pending.append((node, health, status))
         for node, health, status in pending:
             self._record(node, health, status)
+        listener = self._after_checks
+        if listener is not None:
+            listener()
 
     def _record(self, node: NodeClient, health: grpc.Future, status: grpc.Future) -> None:
         now = time.monotonic()
@@ -211,6 +221,8 @@ class NodeRegistry:
                 node.state.adapter_version = node_status.adapter_version
                 node.state.camera_norm_version = node_status.camera_norm_version
                 node.state.vector_only = bool(node_status.vector_only)
+                # "" from a node older than the field: it accepts its own version only
+                node.state.query_version = node_status.query_version or node_status.model_version
                 r = node_status.reindex
                 node.state.reindex = (bool(r.running), int(r.done), int(r.total))
                 cameras = tuple(node_status.camera_ids)

@@ -251,6 +251,13 @@ class CoverageView:
     rrf: bool
     versions: list[str]
     degraded: list[str]
+    # nodes that answered with a distilled student: node, its version, teacher, verified, note
+    students: list[tuple[str, str, str, bool, str]] = field(default_factory=list)
+
+    @property
+    def verified_students(self) -> list[str]:
+        """Student nodes merged by score with the broker's version (calibration passed)."""
+        return [node for node, _version, _teacher, verified, _note in self.students if verified]
 
 
 def coverage_view(response: broker_pb2.BrokerSearchResponse) -> CoverageView:
@@ -279,6 +286,17 @@ def coverage_view(response: broker_pb2.BrokerSearchResponse) -> CoverageView:
         rrf=response.merge == "rrf",
         versions=versions,
         degraded=list(cov.degraded),
+        students=[
+            (
+                o.node_id,
+                o.model_version,
+                o.student.teacher_version,
+                o.student.verified,
+                o.student.note,
+            )
+            for o in cov.nodes
+            if o.HasField("student")
+        ],
     )
 
 

@@ -73,6 +73,9 @@ def coverage_line(response: broker_pb2.BrokerSearchResponse) -> str:
             parts.append(
                 f"{o.node_id} {o.state} ({o.grpc_status}{': ' + o.message if o.message else ''})"
             )
+    for o in cov.nodes:
+        if o.HasField("student"):
+            parts.append(student_text(o))
     parts.append(f"{cov.vectors_searched}/{cov.vectors_total} vectors searched")
     if response.merge == "rrf":
         parts.append("merge=rrf: nodes on different model versions, scores are rank-fusion scores")
@@ -83,6 +86,15 @@ def coverage_line(response: broker_pb2.BrokerSearchResponse) -> str:
     parts.append(f"{response.took_ms:.0f} ms")
     parts.append(f"query {response.query_id}")
     return safe("; ".join(parts))  # node ids, states and messages come from the nodes
+
+
+def student_text(outcome: broker_pb2.NodeOutcome) -> str:
+    """`node-s answered with student m@2 of teacher t@1 (verified: agreement 0.98 >= 0.9)`."""
+    check = outcome.student
+    return (
+        f"{outcome.node_id} answered with student {outcome.model_version} of teacher "
+        f"{check.teacher_version} ({check.note})"
+    )
 
 
 def print_table(response: broker_pb2.BrokerSearchResponse, out: TextIO | None = None) -> None:
