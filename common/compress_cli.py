@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "+ adapter) puts them; the student keeps the teacher's text side (docs/compress.md).",
     )
     d.add_argument("--student", required=True, help="model config of the student (e.g. student-s4)")
+    d.add_argument(
+        "--init",
+        type=Path,
+        help="continue from this student (e.g. distilled on the server, refined on a node)",
+    )
     _common(d)
     d.set_defaults(func=run_distill, epochs=20)
 
@@ -46,6 +51,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     src.add_argument("--crops", type=Path, help="a folder of crops (a node's gallery images)")
     p.add_argument("--split", default="train", help="dataset split(s), comma list (with --data)")
     p.add_argument("--no-captions", action="store_true", help="ignore captions (mimicry only)")
+    p.add_argument("--node", help="only this node's crops (dataset `node` field), train and eval")
     p.add_argument("--out", required=True, type=Path, help="model directory to write")
     p.add_argument("--epochs", type=int, help="passes over the crops (distill 20, prune 3)")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -69,6 +75,7 @@ def _crop_records(args):
     else:
         splits = [s.strip() for s in args.split.split(",") if s.strip()]
         records = [r for s in splits for r in load_records(args.data, split=s)]
+        records = _of_node(records, args.node)
     if args.no_captions:
         records = [dataclasses.replace(r, captions=()) for r in records]
     if not records:
@@ -84,7 +91,7 @@ def _finish(args, teacher, result_model, fit: dict) -> int:
     report = {"fit": fit, "crops": fit.pop("crops")}
     eval_data = args.eval_data or args.data
     if args.eval_split and eval_data:
-        test = load_records(eval_data, split=args.eval_split)
+        test = _of_node(load_records(eval_data, split=args.eval_split), args.node)
         report["eval"] = {
             "split": args.eval_split,
             "teacher": _metrics(evaluate(teacher, test)),
@@ -95,6 +102,10 @@ def _finish(args, teacher, result_model, fit: dict) -> int:
     print(json.dumps(report, indent=2))
     print(f"model written to {args.out} (teacher {teacher.version})")
     return 0
+
+
+def _of_node(records: list, node: str | None) -> list:
+    return records if not node else [r for r in records if r.node == node]
 
 
 def _metrics(m: dict) -> dict:
@@ -123,12 +134,22 @@ def _fit(args, student, teacher, records) -> dict:
 
 def run_distill(args) -> int:
     from common.distill import make_student
+    from common.errors import ConfigError
     from common.factory import create_model, get_model_config
 
     teacher = create_model(args.teacher, adapter=args.adapter, device=args.device)
     _, student_cfg, _ = get_model_config(args.student)
     student = make_student(teacher, student_cfg["image"], student_cfg.get("preprocess"))
     student.name = f"{args.student}-of-{teacher.name.split('/')[-1]}"
+    if args.init:
+        start = create_model(args.init, device=args.device)
+        if start.teacher.get("fingerprint") != teacher.fingerprint:
+            was = start.teacher.get("model_version") or "no teacher"
+            raise ConfigError(
+                f"--init {args.init}: a student of {was}, not of this teacher's base "
+                f"({teacher.version})"
+            )
+        student.load_state_dict(start.state_dict())
     records = _crop_records(args)
     print(
         f"teacher {teacher.version}: {teacher.image_tower_params():,} image parameters; "
