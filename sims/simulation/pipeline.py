@@ -22,6 +22,7 @@ from common.datasets import Record, load_records, read_dataset
 from common.errors import ConfigError, DatasetError
 from common.metrics import METRIC_KEYS
 from sims.simulation.serving import ServingSettings
+from sims.simulation.students import StudentSection, distil_students
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -80,6 +81,7 @@ class SimConfig:
     federated: FederatedSection = field(default_factory=FederatedSection)
     baselines: BaselineSection = field(default_factory=BaselineSection)
     serving: ServingSettings = field(default_factory=ServingSettings)
+    students: StudentSection = field(default_factory=StudentSection)
     serve: bool = True
 
 
@@ -278,8 +280,22 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
         cent = centralized(base_spec, train_recs, test_recs, train_kwargs, text_cache, test_bank)
         stage("centralized", t0)
 
-    serving = None
+    serving = students = None
     default_run = federated[fed.default]
+    if cfg.serve and cfg.students.nodes:
+        t0 = time.perf_counter()
+        source = [r for r in records if r.split == "source"]
+        students = distil_students(
+            cfg.students,
+            base_spec,
+            default_run.final_adapter,
+            source,
+            nodes,
+            out,
+            seed=cfg.seed,
+            progress=progress,
+        )
+        stage("students", t0)
     if cfg.serve:
         from sims.simulation.serving import run_serving
 
@@ -296,6 +312,8 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
             out / "serve",
             cfg.serving,
             progress=progress,
+            students=students,
+            vector_only=cfg.students.vector_only,
         )
         log.info("broker R1 %.2f vs offline %.2f", serving.metrics["R1"], serving.offline["R1"])
         stage("serving", t0)
@@ -412,6 +430,8 @@ def build_report(
             "hot_swap_s": round(serving.swap_seconds, 1),
             "merge": serving.merge_modes,
         }
+        if serving.students:  # nodes that served a distilled student, and the broker's verdict
+            report["broker"]["students"] = serving.students
     return report
 
 

@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from sims.node_process import (
     wait_until,
     write_node_config,
 )
+from sims.simulation.students import StudentRun
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,17 @@ class ServingResult:
     swap_seconds: float
     merge_modes: dict[str, int]
     sheet_queries: list[str]
+    # node id -> {model_version, verified, agreement, note} for nodes serving a student
+    students: dict[str, dict] = field(default_factory=dict)
 
 
-def node_files(node_id: str, root: Path, model: str, max_k: int) -> NodeFiles:
-    """The node's config, as the simulation needs it."""
+def node_files(node_id: str, root: Path, model: str, max_k: int, **keys: object) -> NodeFiles:
+    """The node's config, as the simulation needs it (`keys`: further top-level keys)."""
     return write_node_config(
         root,
         node_id,
         model=model,
+        **keys,
         adapter_poll_s=0.5,
         drop_dir="",
         torch_threads=1,
@@ -136,18 +140,29 @@ def run_serving(
     out: Path,
     settings: ServingSettings,
     progress: bool = True,
+    students: StudentRun | None = None,
+    vector_only: bool = True,
 ) -> ServingResult:
-    """Start the nodes and the broker, swap in the adapter, run the test captions."""
-    from server.broker.config import BrokerConfig, NodeEntry
+    """Start the nodes and the broker, swap in the adapter, run the test captions.
+
+    `students`: nodes that serve a distilled student instead (no adapter to swap in), and
+    the calibration crops the broker verifies them with before merging their scores."""
+    from server.broker.config import BrokerConfig, NodeEntry, StudentSettings
     from server.broker.daemon import create_server, stop_server
     from server.operator.client import BrokerClient
     from server.operator.output import write_contact_sheet
 
     gallery = sum(len(v) for v in test_by_node.values())
-    nodes = start_node_processes(
-        [node_files(nid, out / nid, base_model, max_k=gallery) for nid in sorted(test_by_node)],
-        ready_timeout_s=settings.start_timeout_s,
-    )
+    student_dirs = students.dirs if students else {}
+    student_keys = {"text_tower": not vector_only}
+    files = [
+        node_files(nid, out / nid, str(student_dirs[nid]), max_k=gallery, **student_keys)
+        if nid in student_dirs
+        else node_files(nid, out / nid, base_model, max_k=gallery)
+        for nid in sorted(test_by_node)
+    ]
+    nodes = start_node_processes(files, ready_timeout_s=settings.start_timeout_s)
+    teachers = [n for n in nodes if n.node_id not in student_dirs]
     server = broker = None
     try:
         wait_until(
@@ -165,11 +180,13 @@ def run_serving(
             nodes,
         )
         swap_start = time.perf_counter()
-        for node in nodes:
+        for node in teachers:
             hand_over(adapter, node)
         wait_until(
             f"every node to hot-swap to {expected_version}",
-            lambda: all(_swapped(n, expected_version, len(test_by_node[n.node_id])) for n in nodes),
+            lambda: all(
+                _swapped(n, expected_version, len(test_by_node[n.node_id])) for n in teachers
+            ),
             settings.swap_timeout_s,
             nodes,
         )
@@ -186,10 +203,20 @@ def run_serving(
             default_deadline_ms=settings.deadline_ms,
             max_deadline_ms=max(settings.deadline_ms, 30000),
             health_interval_s=2.0,
+            students=StudentSettings(calibration_crops=students.calibration if students else None),
         )
         server, port, broker = create_server(config)
         if broker.model_version != expected_version:
             raise Unavailable(f"broker runs {broker.model_version}, nodes {expected_version}")
+        verdicts: dict[str, dict] = {}
+        if student_dirs:
+            with BrokerClient(f"127.0.0.1:{port}", token=operator) as client:
+                wait_until(
+                    "the broker to check every student node",
+                    lambda: _student_verdicts(client, set(student_dirs), verdicts),
+                    settings.start_timeout_s,
+                    nodes,
+                )
         emb = offline_embeddings
         queries = spread_queries(len(emb.query_texts), settings.max_queries)
         # thousands of queries: keep the broker's per-query log lines out of the terminal
@@ -215,6 +242,7 @@ def run_serving(
         broker_log.setLevel(level)
         result.swap_seconds = swap_seconds
         result.sheet_queries = sheets
+        result.students = verdicts
         return result
     finally:
         if server is not None:
@@ -231,6 +259,21 @@ def spread_queries(total: int, limit: int) -> list[int]:
         return list(range(total))
     step = total / limit
     return [int(i * step) for i in range(limit)]
+
+
+def _student_verdicts(client, student_ids: set[str], into: dict[str, dict]) -> bool:
+    """True once the broker has measured every student node (its verdicts land in `into`)."""
+    for health in client.status().nodes:
+        check = health.student
+        if health.node_id in student_ids and (check.crops or check.note):
+            into[health.node_id] = {
+                "model_version": health.model_version,
+                "teacher_version": check.teacher_version,
+                "verified": check.verified,
+                "agreement": round(check.agreement, 4),
+                "note": check.note,
+            }
+    return set(into) == student_ids
 
 
 def _indexed(node: NodeProcess, expected: int) -> bool:
