@@ -56,7 +56,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="passes over the crops (distill 20, prune 3)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--text-weight", type=float, default=0.5, help="contrastive term weight")
+    p.add_argument(
+        "--text-weight",
+        type=float,
+        default=0.0,
+        help="weight of the contrastive term on captioned crops (0: mimicry only; it cost R1 "
+        "when tried, docs/compress.md)",
+    )
     p.add_argument("--eval-data", help="dataset for R1/mAP of teacher and result (default --data)")
     p.add_argument("--eval-split", default="test", help="'' to skip the evaluation")
     p.add_argument("--device", default="cpu")
