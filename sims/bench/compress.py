@@ -45,6 +45,12 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
                    "the INT8 student with the best R1)")  # fmt: skip
     p.add_argument("--gallery", type=int, default=10_000, help="crops a node indexes for RSS")
     p.add_argument("--skip-rss", action="store_true", help="no node daemons (speed and R1 only)")
+    p.add_argument(
+        "--rss-models",
+        default="",
+        help="measure node RSS only for these row names (comma list; default every row: "
+        "two node daemons per row, ~30 s each)",
+    )
     p.add_argument("--calib-images", type=int, default=64)
     p.add_argument("--timed-s", type=float, default=1.5, help="seconds timed per speed cell")
     p.add_argument("--work", type=Path, default=Path("runs/bench_compress"))
@@ -230,8 +236,11 @@ def main(args: argparse.Namespace) -> int:
                 **_metrics(queries, q_ids, emb, g_ids),
                 "agreement_cos": round(float(agreement), 4),
                 "export": str(out),
+                "rss_mb": None,  # not measured (--skip-rss, --rss-models)
+                "rss_mb_vector_only": None,
             }
-            if not args.skip_rss:
+            rss_models = {x.strip() for x in args.rss_models.split(",") if x.strip()}
+            if not args.skip_rss and (not rss_models or name in rss_models):
                 from sims.bench import compress_rss
 
                 row.update(compress_rss.node_rss(out, args.work / "rss", args.gallery))
@@ -281,7 +290,7 @@ def _mixed(args, rows, embeddings, queries, q_ids, g_ids, test) -> dict:
 
 
 def _line(row: dict) -> str:
-    rss = f" rss {row['rss_mb']}/{row['rss_mb_vector_only']} MB" if "rss_mb" in row else ""
+    rss = f" rss {row['rss_mb']}/{row['rss_mb_vector_only']} MB" if row["rss_mb"] else ""
     return (
         f"{row['name']:<24} {row['precision']:<5} {row['params']:>9,} params "
         f"{row['file_mb']:6.2f} MB  b1 {row['crops_per_s_b1']:8.1f}/s  b8 "

@@ -12,7 +12,7 @@ from sims.cli import main as fedretrieve
 
 ROW_KEYS = {
     "name", "kind", "precision", "params", "file_mb", "crops_per_s_b1", "crops_per_s_b8",
-    "R1", "mAP",
+    "R1", "mAP", "rss_mb", "rss_mb_vector_only",
 }  # fmt: skip
 
 
@@ -77,3 +77,15 @@ def test_bench_compress_writes_the_contract(tiny_dataset: Path, tmp_path: Path):
     assert rows[2]["params"] < rows[0]["params"]
     fleet = result["mixed_fleet"]
     assert {"R1_mixed", "R1_all_teacher", "merge"} <= set(fleet)
+
+
+def test_node_rss_comes_from_real_daemons_and_a_vector_only_node_is_lighter(tmp_path: Path):
+    from common.factory import create_model
+    from edge_node.accel.export import export_model
+    from sims.bench.compress_rss import node_rss
+
+    export = tmp_path / "export" / "onnx-fp32"
+    export_model(create_model("tiny"), export, model_spec="tiny")
+    rss = node_rss(export, tmp_path / "work", 40)
+    # the vector-only node imports neither torch nor transformers: hundreds of MB less
+    assert 0 < rss["rss_mb_vector_only"] < rss["rss_mb"] - 100, rss
