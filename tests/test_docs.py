@@ -29,7 +29,9 @@ def fenced_blocks(text: str) -> list[tuple[int, str]]:
     return [(m.start(), m.group(1)) for m in re.finditer(r"```[a-z]*\n(.*?)```", text, re.S)]
 
 
-@pytest.mark.parametrize("name", ["federated.md", "acceleration.md", "node.md", "broker.md"])
+@pytest.mark.parametrize(
+    "name", ["federated.md", "acceleration.md", "node.md", "broker.md", "compress.md"]
+)
 def test_files_the_docs_point_at_exist(name):
     text = (DOCS / name).read_text()
     assert "/work/notes" not in text  # notes outside the repository are not documentation

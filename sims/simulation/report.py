@@ -191,6 +191,7 @@ def markdown(report: dict) -> str:
             f"{100 * b['top10_agreement']:.1f}% of queries) -> matches offline: "
             f"**{b['matches_offline']}**.",
             "",
+            *_student_lines(b.get("students", {})),
             "![latency](latency.png)",
             "",
             "![contact sheet](contact_sheet.png)",
@@ -223,3 +224,21 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(parts)
+
+
+def _student_lines(students: dict) -> list[str]:
+    """The nodes that served a distilled student, and how the broker merged them."""
+    if not students:
+        return []
+    lines = [
+        "Nodes serving a distilled student (docs/compress.md), so the broker's answers are "
+        "not expected to match the offline teacher:",
+        "",
+    ]
+    for node, s in sorted(students.items()):
+        how = "verified, merged by score" if s["verified"] else "not verified, fused by rank"
+        lines.append(
+            f"- {node}: {s['model_version']} (agreement {s['agreement']:.3f} with the "
+            f"broker's model; {how}){': ' + s['note'] if s['note'] else ''}"
+        )
+    return [*lines, ""]
