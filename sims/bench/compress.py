@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import sys
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from sims.bench.workload import run_in_child
 
 MIX_K = 10
 
@@ -58,13 +59,6 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------------- child: one export
-def _child(job: dict, queue) -> None:
-    try:
-        queue.put(_measure(job))
-    except BaseException as err:  # reported by the parent, which fails the run
-        queue.put({"error": f"{type(err).__name__}: {err}"})
-
-
 def _measure(job: dict) -> dict:
     import onnxruntime as ort
 
@@ -104,18 +98,6 @@ def _measure(job: dict) -> dict:
         "crops_per_s_b8": round(rates[8], 1),
         "file_mb": round(graph.stat().st_size / 2**20, 2),
     }
-
-
-def _run_child(job: dict) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(job, queue))
-    proc.start()
-    out = queue.get()
-    proc.join()
-    if "error" in out:
-        raise RuntimeError(f"{job['name']} {job['precision']}: {out['error']}")
-    return out
 
 
 # ---------------------------------------------------------------------- parent
@@ -225,7 +207,9 @@ def main(args: argparse.Namespace) -> int:
                 "data": args.data,
                 "timed_s": args.timed_s,
             }
-            figures = _run_child({**job, "embeddings": str(emb_file)})
+            figures = run_in_child(
+                _measure, {**job, "embeddings": str(emb_file)}, f"{name} {precision}"
+            )
             embeddings[f"{name}/{precision}"] = emb = np.load(emb_file)
             row = {
                 "name": name,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sims.bench.workload import sample_captions
+from sims.bench.workload import run_in_child, sample_captions
 
 # onnxruntime-int8: INT8 image tower, fp32 text (what `--precision int8` exports);
 # onnxruntime-int8-text: both towers INT8 (`--int8-text`)
@@ -112,13 +111,6 @@ def _load(backend: str, spec: str, export_dir: str | None, threads: int):
     )
 
 
-def _child(job: dict, queue) -> None:
-    try:
-        queue.put(_measure(job))
-    except BaseException as err:  # reported by the parent, which fails the run
-        queue.put({"error": f"{type(err).__name__}: {err}"})
-
-
 def _measure(job: dict) -> dict:
     from common.preprocess import PreprocessCfg, to_batch
 
@@ -175,15 +167,7 @@ def _rank(enc_img, enc_txt, data: str) -> dict:
 
 
 def _run_child(job: dict) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(job, queue))
-    proc.start()
-    out = queue.get()
-    proc.join()
-    if "error" in out:
-        raise RuntimeError(f"{job['spec']} / {job['backend']}: {out['error']}")
-    return out
+    return run_in_child(_measure, job, f"{job['spec']} / {job['backend']}")
 
 
 # ---------------------------------------------------------------------- parent

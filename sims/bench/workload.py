@@ -1,10 +1,14 @@
-"""What the benchmarks share: the operator-style query captions and latency percentiles.
+"""What the benchmarks share: the operator-style query captions, latency percentiles, and
+measuring in a child process of its own.
 
 One caption generator for every benchmark, so their text-encoding figures are measured on
 the same kind of query and can be compared.
 """
 
 from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Callable
 
 import numpy as np
 
@@ -30,3 +34,24 @@ def percentiles(ms: list[float]) -> dict[str, float]:
         "mean_ms": round(float(arr.mean()), 2),
         "n": len(ms),
     }
+
+
+def _child(measure: Callable[[dict], dict], job: dict, queue) -> None:
+    try:
+        queue.put(measure(job))
+    except BaseException as err:  # reported by the parent, which fails the run
+        queue.put({"error": f"{type(err).__name__}: {err}"})
+
+
+def run_in_child(measure: Callable[[dict], dict], job: dict, what: str) -> dict:
+    """`measure(job)` in a fresh spawned process, so its memory and caches are its own;
+    an exception there fails the run here, naming `what` was measured."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(measure, job, queue))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    if "error" in out:
+        raise RuntimeError(f"{what}: {out['error']}")
+    return out

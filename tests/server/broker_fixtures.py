@@ -193,3 +193,29 @@ def tiny_model():
 
     torch.set_num_threads(1)
     return create_model("tiny")
+
+
+CROP_COLOURS = [
+    (200, 30, 30),
+    (30, 40, 200),
+    (30, 160, 40),
+    (15, 15, 15),
+    (235, 235, 235),
+    (220, 210, 40),
+]
+
+
+def crop(seed: int) -> bytes:
+    """A small synthetic person crop: coloured top and trousers on a noisy background,
+    PNG (lossless: node, broker and offline code embed identical pixels)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(60, 200, size=(64, 32, 3), dtype=np.uint8))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([8, 12, 24, 34], fill=CROP_COLOURS[seed % 6])
+    draw.rectangle([10, 34, 22, 62], fill=CROP_COLOURS[(seed // 6) % 6])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

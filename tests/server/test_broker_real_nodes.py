@@ -14,8 +14,8 @@ import faiss
 import grpc
 import numpy as np
 import pytest
-from broker_fixtures import OPERATOR_TOKEN, broker_config
-from PIL import Image, ImageDraw
+from broker_fixtures import OPERATOR_TOKEN, broker_config, crop
+from PIL import Image
 
 from protos import broker_pb2, node_pb2, node_pb2_grpc, retrieval_pb2
 
@@ -28,26 +28,6 @@ QUERIES = [
     "a man with a blue shirt",
     "person in green carrying a yellow bag",
 ]
-COLOURS = [
-    (200, 30, 30),
-    (30, 40, 200),
-    (30, 160, 40),
-    (15, 15, 15),
-    (235, 235, 235),
-    (220, 210, 40),
-]
-
-
-def crop(seed: int) -> bytes:
-    """A small synthetic person crop: coloured top and trousers on a noisy background."""
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(60, 200, size=(64, 32, 3), dtype=np.uint8))
-    draw = ImageDraw.Draw(img)
-    draw.rectangle([8, 12, 24, 34], fill=COLOURS[seed % 6])
-    draw.rectangle([10, 34, 22, 62], fill=COLOURS[(seed // 6) % 6])
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")  # lossless: node and offline embed identical pixels
-    return buf.getvalue()
 
 
 @pytest.fixture

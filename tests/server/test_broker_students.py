@@ -7,15 +7,13 @@ disagrees, or one the broker has no crops for, is fused by rank; coverage says w
 from __future__ import annotations
 
 import contextlib
-import io
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from broker_fixtures import OPERATOR_TOKEN, broker_config
+from broker_fixtures import OPERATOR_TOKEN, broker_config, crop
 from jinja2 import Environment, FileSystemLoader
-from PIL import Image, ImageDraw
 
 from common.distill import make_student, save_student
 from common.errors import ConfigError
@@ -31,18 +29,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 NODE_TOKEN = "node-token"
 AUTH = [("authorization", f"Bearer {OPERATOR_TOKEN}")]
 QUERY = "a woman in a red jacket and black trousers"
-COLOURS = [(200, 30, 30), (30, 40, 200), (30, 160, 40), (15, 15, 15), (235, 235, 235)]
-
-
-def crop(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(60, 200, size=(64, 32, 3), dtype=np.uint8))
-    draw = ImageDraw.Draw(img)
-    draw.rectangle([8, 12, 24, 34], fill=COLOURS[seed % 5])
-    draw.rectangle([10, 34, 22, 62], fill=COLOURS[(seed // 5) % 5])
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")  # lossless: node and broker embed identical pixels
-    return buf.getvalue()
 
 
 @pytest.fixture
