@@ -47,6 +47,9 @@ class NodeFlSettings:
 
     data_path: Path
     node_name: str = ""  # records whose `node` equals it; "" = every record in data-path
+    # a node daemon's data dir: train on the crops its gallery holds (a deployment's data
+    # store, read while the daemon ingests); replaces data-path
+    gallery: Path | None = None
     partition: tuple[int, int] | None = None  # (partition-id, num-partitions) in simulation
     adapter_dir: Path | None = None  # the node daemon's watched adapter dir
     sim_out_dir: Path | None = None  # simulation: adapter dirs under OUT/nodes/<node>/
@@ -57,10 +60,10 @@ class NodeFlSettings:
     text_cache: Path | None = None  # a saved TextFeatureCache of the base model (speed only)
 
     def __post_init__(self) -> None:
-        if not str(self.data_path).strip():
+        if self.gallery is None and not str(self.data_path).strip():
             raise ConfigError(
-                "node has no data: set `data-path` in --node-config "
-                "(or the run config's `data-path` in simulation)"
+                "node has no data: set `gallery` (the node daemon's data dir) or `data-path` "
+                "in --node-config (or the run config's `data-path` in simulation)"
             )
         if self.threads < 0:
             raise ConfigError(f"`threads` must be >= 0, got {self.threads}")
@@ -81,8 +84,11 @@ class NodeFlSettings:
             partition = (int(node_config["partition-id"]), int(node_config["num-partitions"]))
         adapter_dir = node_config.get("adapter-dir")
         sim_out = run_config.get("out-dir") if partition is not None else None
+        gallery = node_config.get("gallery")
+        data_path = str(get("data-path", "")).strip()
         return cls(
-            data_path=Path(str(get("data-path", ""))).expanduser(),
+            data_path=Path(data_path).expanduser() if data_path else Path(""),
+            gallery=Path(str(gallery)).expanduser() if gallery else None,
             node_name=str(node_config.get("node-id", "")),
             partition=partition,
             adapter_dir=Path(str(adapter_dir)).expanduser() if adapter_dir else None,
@@ -117,7 +123,44 @@ def select_partition(records: list[Record], partition_id: int, num_partitions: i
     return names[partition_id]
 
 
+def gallery_records(data_dir: Path, node_name: str = "") -> list[Record]:
+    """The crops of a node daemon's gallery as training records: captions where Ingest or
+    the drop folder gave them; no identities (a site has none), so every crop is its own
+    person (id -catalog id), which the id-aware loss then treats as a plain image-caption
+    pair."""
+    from edge_node.serving.gallery import read_catalog
+
+    root = Path(data_dir) / "gallery"
+    return [
+        Record(
+            root / row.path,
+            row.captions,
+            -row.id,
+            camera_id=row.camera_id,
+            split="train",
+            node=node_name or None,
+            timestamp_ms=row.timestamp_ms,
+        )
+        for row in read_catalog(root)
+    ]
+
+
 def load_node_data(settings: NodeFlSettings) -> NodeData:
+    if settings.gallery is not None:
+        crops = gallery_records(settings.gallery, settings.node_name)
+        train = [r for r in crops if r.captions]
+        name = settings.node_name or settings.gallery.name
+        log.info(
+            "node %s: gallery %s holds %d crops, %d with captions (trained on those)",
+            name, settings.gallery, len(crops), len(train),
+        )  # fmt: skip
+        if not train:
+            raise DatasetError(
+                f"node {name}: the gallery at {settings.gallery} has {len(crops)} crops but "
+                "none with captions; training needs captioned crops (label-free rounds are "
+                "not built yet)"
+            )
+        return NodeData(name, train, [])
     records = load_records(settings.data_path)
     name = settings.node_name
     if settings.partition is not None and not name:
@@ -227,6 +270,8 @@ class NodeTrainer:
         return self._model
 
     def data(self, settings: NodeFlSettings) -> NodeData:
+        if settings.gallery is not None:  # it grows while the daemon runs: read every round
+            return load_node_data(settings)
         key = (str(settings.data_path), settings.node_name, settings.partition)
         if key not in self._data:
             self._data[key] = load_node_data(settings)
@@ -236,8 +281,12 @@ class NodeTrainer:
         from common.train import ImageBank, core_model
 
         pre = core_model(model).preprocess
-        key = (str(settings.data_path), data.name, repr(pre))
+        # a gallery's crops change between rounds: its bank is keyed by what it holds
+        held = (len(data.train), str(data.train[-1].image_path)) if settings.gallery else ()
+        key = (str(settings.data_path), str(settings.gallery), data.name, repr(pre), held)
         if key not in self._banks:
+            if settings.gallery is not None:  # one bank per gallery: drop last round's
+                self._banks = {k: v for k, v in self._banks.items() if k[1] != key[1]}
             self._banks[key] = ImageBank(data.train + data.heldout, pre)
         return self._banks[key]
 

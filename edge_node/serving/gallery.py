@@ -238,6 +238,28 @@ def ctypes_errno() -> int:
     return ctypes.get_errno()
 
 
+def read_catalog(root: Path, timeout_s: float = 10.0) -> list[ImageRecord]:
+    """A consistent snapshot of the catalog of the gallery at `root`, read from another
+    process while the node daemon may be ingesting (the Flower ClientApp training on the
+    node's own crops). WAL lets one writer and many readers run at once: this reader sees
+    the rows committed when its transaction began, each of which already has its file
+    (see the module docstring), and never takes the write lock, so ingest is not blocked.
+    """
+    path = Path(root) / "catalog.sqlite"
+    if not path.is_file():
+        raise NotFound(f"no gallery at {root} (expected {path.name}; is this a node data dir?)")
+    db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
+    try:
+        db.execute("PRAGMA query_only = ON")
+        rows = db.execute(
+            "SELECT id, path, camera_id, timestamp_ms, captions, checksum, file_name, width, height"
+            " FROM images ORDER BY id"
+        ).fetchall()
+    finally:
+        db.close()
+    return [ImageRecord(*row[:4], tuple(json.loads(row[4])), *row[5:]) for row in rows]
+
+
 class Gallery:
     """Catalog + files of one node. Thread-safe; ingest is serialised, reads are lock-light."""
 
