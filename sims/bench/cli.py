@@ -16,6 +16,7 @@ BENCHES = {
     "broker": "sims.bench.broker",  # broker fan-out latency vs a direct node call
     "fleet": "sims.bench.fleet",  # broker tail latency and coverage with 10-1000 sites
     "privacy": "sims.bench.privacy",  # SecAgg+ / DP: privacy-utility, costs, dropout, MIA
+    "mining": "sims.bench.mining",  # label-free tracklets and pseudo-identities vs the truth
     "compress": "sims.bench.compress",  # distilled students, pruned towers: speed, RSS, R1
 }
 

@@ -1,0 +1,132 @@
+"""Label-free structure in a node's own crops: tracklets, memories, pseudo-identities.
+
+What a camera site has is crops with a camera id and a timestamp, no names. Seed paper 004
+(unsupervised distributed re-identification on Jetson TX2) mines identities from exactly
+that: link a camera's crops that are close in time and in appearance into tracklets (one
+visit of one person), keep one memory per tracklet (the mean embedding of its crops), and
+join memories of different cameras that are each other's nearest neighbour (mutual top-1)
+into pseudo-identities. These are the first stages of issue 14; training on them is not
+built yet. Pure numpy on embeddings the caller made with the current global model, so the
+stages can be measured against the generator's hidden ground truth (`label_quality`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MiningSettings:
+    """`max_gap_ms`: a crop continues a tracklet whose last crop is at most this much older
+    (one detector track); `min_cos`: and at least this similar to that tracklet's mean.
+    `link_cos`: two memories of different cameras join only as mutual top-1 above this."""
+
+    max_gap_ms: int = 2_000
+    min_cos: float = 0.0
+    link_cos: float = 0.7
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def link_tracklets(
+    cameras: Sequence[str], timestamps: Sequence[int], emb: np.ndarray, cfg: MiningSettings
+) -> np.ndarray:
+    """Tracklet label per crop (0..T-1). Per camera, crops in time order; each joins the most
+    similar open tracklet (last crop within `max_gap_ms`, cosine to its mean >= `min_cos`)
+    or starts one. Greedy and online, as a node sees crops arrive."""
+    emb = _unit(emb)
+    labels = np.full(len(cameras), -1, dtype=np.int64)
+    order = sorted(range(len(cameras)), key=lambda i: (cameras[i], timestamps[i], i))
+    sums: list[np.ndarray] = []
+    last: list[tuple[str, int]] = []  # (camera, timestamp of the newest crop) per tracklet
+    open_by_camera: dict[str, list[int]] = {}
+    for i in order:
+        cam, ts = cameras[i], int(timestamps[i])
+        live = [t for t in open_by_camera.get(cam, []) if ts - last[t][1] <= cfg.max_gap_ms]
+        open_by_camera[cam] = live
+        best, best_cos = -1, cfg.min_cos
+        for t in live:
+            cos = float(sums[t] @ emb[i]) / max(float(np.linalg.norm(sums[t])), 1e-12)
+            if cos >= best_cos:
+                best, best_cos = t, cos
+        if best < 0:
+            best = len(sums)
+            sums.append(np.zeros(emb.shape[1]))
+            last.append((cam, ts))
+            live.append(best)
+        sums[best] = sums[best] + emb[i]
+        last[best] = (cam, ts)
+        labels[i] = best
+    return labels
+
+
+def memories(labels: np.ndarray, emb: np.ndarray) -> np.ndarray:
+    """One unit vector per tracklet: the mean of its crops' embeddings."""
+    out = np.zeros((int(labels.max()) + 1 if len(labels) else 0, emb.shape[1]))
+    np.add.at(out, labels, _unit(emb))
+    return _unit(out)
+
+
+def _find(parent: list[int], i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def pseudo_identities(
+    labels: np.ndarray, cameras: Sequence[str], emb: np.ndarray, cfg: MiningSettings
+) -> np.ndarray:
+    """Pseudo-identity per crop: tracklets of different cameras that are mutual top-1 (for
+    each pair of cameras, each is the other's most similar memory, cosine >= `link_cos`)
+    are joined, transitively (union-find)."""
+    mem = memories(labels, emb)
+    camera_of = {}
+    for t, cam in zip(labels.tolist(), cameras, strict=True):
+        camera_of.setdefault(t, cam)
+    cams = sorted(set(camera_of.values()))
+    members = {c: np.array([t for t in range(len(mem)) if camera_of.get(t) == c]) for c in cams}
+    parent = list(range(len(mem)))
+    for a_i, a in enumerate(cams):
+        for b in cams[a_i + 1 :]:
+            ta, tb = members[a], members[b]
+            if not len(ta) or not len(tb):
+                continue
+            sim = mem[ta] @ mem[tb].T
+            best_b, best_a = sim.argmax(axis=1), sim.argmax(axis=0)
+            for i, j in enumerate(best_b):
+                if best_a[j] == i and sim[i, j] >= cfg.link_cos:
+                    parent[_find(parent, int(ta[i]))] = _find(parent, int(tb[j]))
+    roots = np.array([_find(parent, t) for t in range(len(mem))])
+    _, dense = np.unique(roots, return_inverse=True)
+    return dense[labels]
+
+
+def _pairs(counts: np.ndarray) -> float:
+    return float((counts * (counts - 1) / 2).sum())
+
+
+def label_quality(pred: Sequence[int], truth: Sequence[int]) -> dict[str, float]:
+    """Pairwise precision and recall of a labelling against the truth (pairs of crops put
+    together), label counts, and purity (share of crops whose label's majority truth is
+    theirs). Precision 1 with recall 0 is "every crop alone"; the reverse is "one cluster"."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    _, p = np.unique(pred, return_inverse=True)
+    _, t = np.unique(truth, return_inverse=True)
+    joint = np.zeros((p.max() + 1, t.max() + 1)) if len(p) else np.zeros((0, 0))
+    np.add.at(joint, (p, t), 1)
+    together = _pairs(joint)
+    in_pred, in_truth = _pairs(joint.sum(1)), _pairs(joint.sum(0))
+    return {
+        "precision": round(together / in_pred, 4) if in_pred else 1.0,
+        "recall": round(together / in_truth, 4) if in_truth else 1.0,
+        "labels": int(joint.shape[0]),
+        "true_labels": int(joint.shape[1]),
+        "purity": round(float(joint.max(axis=1).sum() / max(len(p), 1)), 4),
+    }
