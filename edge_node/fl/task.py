@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pickle
+import time
 import uuid
 import zlib
 from collections.abc import Iterator, Mapping
@@ -50,6 +51,12 @@ class NodeFlSettings:
     # a node daemon's data dir: train on the crops its gallery holds (a deployment's data
     # store, read while the daemon ingests); replaces data-path
     gallery: Path | None = None
+    # train without captions (pseudo-identities mined from the crops, docs/label-free.md):
+    # every node (`label-free`), or the nodes named in the run config's `label-free-nodes`
+    label_free: bool = False
+    label_free_nodes: tuple[str, ...] = ()
+    anchor: str = "base"  # label-free: keep crops near the base model's (or "round"'s) embedding
+    camera_weight: float = 0.0  # label-free: weight of the per-camera mean alignment
     partition: tuple[int, int] | None = None  # (partition-id, num-partitions) in simulation
     adapter_dir: Path | None = None  # the node daemon's watched adapter dir
     sim_out_dir: Path | None = None  # simulation: adapter dirs under OUT/nodes/<node>/
@@ -65,6 +72,8 @@ class NodeFlSettings:
                 "node has no data: set `gallery` (the node daemon's data dir) or `data-path` "
                 "in --node-config (or the run config's `data-path` in simulation)"
             )
+        if self.anchor not in ("base", "round"):
+            raise ConfigError(f"`label-free-anchor` must be base or round, got {self.anchor!r}")
         if self.threads < 0:
             raise ConfigError(f"`threads` must be >= 0, got {self.threads}")
 
@@ -89,6 +98,14 @@ class NodeFlSettings:
         return cls(
             data_path=Path(data_path).expanduser() if data_path else Path(""),
             gallery=Path(str(gallery)).expanduser() if gallery else None,
+            label_free=_flag(get("label-free", False)),
+            anchor=str(get("label-free-anchor", "base")),
+            camera_weight=float(get("label-free-camera", 0.0)),
+            label_free_nodes=tuple(
+                n.strip()
+                for n in str(run_config.get("label-free-nodes", "")).split(",")
+                if n.strip()
+            ),
             node_name=str(node_config.get("node-id", "")),
             partition=partition,
             adapter_dir=Path(str(adapter_dir)).expanduser() if adapter_dir else None,
@@ -99,6 +116,12 @@ class NodeFlSettings:
             device=str(get("device", "cpu")),
             text_cache=Path(str(get("text-cache"))).expanduser() if get("text-cache") else None,
         )
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return bool(value)
 
 
 @dataclass
@@ -338,7 +361,11 @@ class NodeTrainer:
             progress=False,
         )
         bank, cache = self._bank(settings, data, model), self._cache(model, settings)
-        result = train(model, data.train, cfg, reference=reference, text_cache=cache, bank=bank)
+        mined: dict[str, float] = {}
+        if settings.label_free or data.name in settings.label_free_nodes:
+            result, mined = _train_label_free(model, data.train, cfg, bank, settings)
+        else:
+            result = train(model, data.train, cfg, reference=reference, text_cache=cache, bank=bank)
         from edge_node.fl.privacy import guard_update
 
         state = get_adapter_state(model)
@@ -352,6 +379,7 @@ class NodeTrainer:
             "num-examples": 1 if plan.uniform_weights else result.num_examples,
             "train-loss": result.losses[-1],
             "train-seconds": result.seconds,
+            **mined,
         }
         if plan.local_eval and data.heldout:
             local = evaluate(model, data.heldout, text_cache=cache, bank=bank)
@@ -429,3 +457,51 @@ class NodeTrainer:
             name = self.data(settings).name
             return settings.sim_out_dir / "nodes" / name / "adapters" / HANDOVER_NAME
         return None
+
+
+def _train_label_free(
+    model, records: list[Record], cfg, bank, settings: NodeFlSettings
+) -> tuple[Any, dict[str, float]]:
+    """One label-free round: captions ignored; tracklets and pseudo-identities mined with
+    the round's global model (`edge_node.fl.mining`), then `common.self_train`. With real
+    person ids in the records (simulation), the pseudo-labels' quality is reported too."""
+    import dataclasses
+
+    import numpy as np
+
+    from common.evaluate import embed_records
+    from common.self_train import SelfTrainWeights, self_train
+    from edge_node.fl.mining import MiningSettings, label_quality, link_tracklets, pseudo_identities
+
+    by_path = {r.image_path: dataclasses.replace(r, captions=()) for r in records}
+    crops = [by_path[p] for p in sorted(by_path)]  # embed_records' gallery order
+    emb = embed_records(model, crops, bank=bank).gallery
+    cams, stamps = [r.camera_id for r in crops], [r.timestamp_ms for r in crops]
+    mining = MiningSettings()
+    tracklets = link_tracklets(cams, stamps, emb, mining)
+    pseudo = pseudo_identities(tracklets, cams, emb, mining)
+    t0 = time.perf_counter()
+    anchors = emb
+    if settings.anchor == "base":  # fixed across rounds: the text-aligned start
+        with model.disable_adapter():
+            anchors = embed_records(model, crops, bank=bank).gallery
+    weights = SelfTrainWeights(camera=settings.camera_weight)
+    result = self_train(
+        model, crops, pseudo.tolist(), torch.from_numpy(anchors), cfg, weights, bank=bank
+    )
+    metrics: dict[str, float] = {
+        "pl-ids": float(len(np.unique(pseudo))),
+        "pl-tracklets": float(len(np.unique(tracklets))),
+        "pl-seconds": time.perf_counter() - t0,
+    }
+    truth = [r.person_id for r in crops]
+    if min(truth) >= 0:  # a simulated node knows the truth; a real site does not
+        quality = label_quality(pseudo, truth)
+        metrics.update(
+            {
+                "pl-precision": quality["precision"],
+                "pl-recall": quality["recall"],
+                "pl-true-ids": float(quality["true_labels"]),
+            }
+        )
+    return result, metrics

@@ -44,6 +44,11 @@ class FlConfig:
     max-steps: cap on local optimiser steps per round (0: no cap), for quick runs.
     text-cache: a saved `TextFeatureCache` of the base model (captions already encoded by
         the frozen text tower); the server and simulated nodes start from it. Speed only.
+    label-free / label-free-nodes: node-side, read by simulated nodes only (a deployed node
+        sets `label-free` in its own --node-config): train without captions, on
+        pseudo-identities mined from the crops (docs/label-free.md); every node, or those
+        named (comma list); `label-free-anchor` (base | round) and `label-free-camera`
+        (weight of the per-camera mean alignment) tune their loss (common/self_train.py).
 
     Privacy (docs/privacy.md):
     secure-aggregation: Flower's SecAgg+ (the server learns only the weighted average of
@@ -98,6 +103,10 @@ class FlConfig:
     client_threads: int = 1
     server_threads: int = 0
     text_cache: str = ""
+    label_free: bool = False
+    label_free_nodes: str = ""
+    label_free_anchor: str = "base"
+    label_free_camera: float = 0.0
     secure_aggregation: bool = False
     num_shares: int = 0
     reconstruction_threshold: int = 0

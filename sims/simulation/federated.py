@@ -135,6 +135,10 @@ def run_federated(
         "train-split",
         "eval-split",
         "text-cache",
+        "label-free",
+        "label-free-nodes",
+        "label-free-anchor",
+        "label-free-camera",
     )
     client_overrides = {k: overrides[k] for k in node_keys if k in overrides}
     os.environ.setdefault("FLWR_HOME", str(out / ".flwr"))

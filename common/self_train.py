@@ -1,0 +1,140 @@
+"""Training on crops without captions: pseudo-identities plus an anchor to the text space.
+
+Without captions nothing ties the image space to the frozen text tower any more, so a loss
+that only pulls same-person crops together may drift away from what queries look like.
+Two terms:
+- supervised contrastive (SupCon, Khosla et al. 2020) over the pseudo-identities mined on
+  the node (`edge_node.fl.mining`): crops of one pseudo-identity together, others apart.
+  This is what can teach camera invariance: a person's visits to two cameras pulled
+  together.
+- anchor: 1 - cos(image embedding, the round's starting global model's embedding of the
+  same crop), which keeps every crop near where the text-aligned model put it.
+Batches are filled with whole pseudo-identities so every crop has its positives in them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common.datasets import Record
+from common.errors import ConfigError
+from common.train import ImageBank, TrainConfig, TrainResult, core_model
+
+
+@dataclass(frozen=True)
+class SelfTrainWeights:
+    temperature: float = 0.1
+    anchor: float = 1.0
+    camera: float = 0.0  # pull every camera's mean embedding to the batch's mean
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0 or self.anchor < 0:
+            raise ConfigError("self-training: temperature must be > 0 and anchor >= 0")
+
+
+def supcon_loss(img: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over crops with at least one positive of -log softmax mass on their positives."""
+    logits = img @ img.t() / temperature
+    eye = torch.eye(len(ids), dtype=torch.bool, device=img.device)
+    logits = logits.masked_fill(eye, float("-inf"))
+    pos = (ids[:, None] == ids[None, :]) & ~eye
+    has = pos.any(1)
+    if not has.any():
+        return img.sum() * 0.0
+    log_prob = F.log_softmax(logits, dim=1).masked_fill(~pos, 0.0)
+    return -(log_prob.sum(1)[has] / pos.sum(1)[has]).mean()
+
+
+def camera_alignment(img: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of each camera's mean embedding in the batch to the batch mean:
+    a camera's look shifts all its crops the same way, which this undoes label-free."""
+    centre = img.mean(0)
+    terms = [(img[cameras == c].mean(0) - centre).pow(2).sum() for c in torch.unique(cameras)]
+    return torch.stack(terms).mean()
+
+
+def _batches(ids: torch.Tensor, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    groups = [torch.nonzero(ids == g).flatten() for g in torch.unique(ids)]
+    order = torch.randperm(len(groups), generator=gen).tolist()
+    out, current = [], []
+    for g in order:
+        members = groups[g][:batch_size]
+        if current and sum(map(len, current)) + len(members) > batch_size:
+            out.append(torch.cat(current))
+            current = []
+        current.append(members)
+    if current:
+        out.append(torch.cat(current))
+    return [b for b in out if len(b) >= 2]
+
+
+def self_train(
+    model: torch.nn.Module,
+    records: Sequence[Record],
+    pseudo_ids: Sequence[int],
+    anchors: torch.Tensor,
+    cfg: TrainConfig,
+    weights: SelfTrainWeights = SelfTrainWeights(),
+    *,
+    bank: ImageBank | None = None,
+) -> TrainResult:
+    """Train whatever requires grad (the LoRA adapter) on uncaptioned `records`, in bank
+    order of their images, with `pseudo_ids` and `anchors` (unit rows) aligned to them."""
+    core = core_model(model)
+    device = torch.device(cfg.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: attach a LoRA adapter first")
+    bank = bank or ImageBank(records, core.preprocess)
+    idx = torch.tensor([bank.index[r.image_path] for r in records])
+    ids = torch.as_tensor(list(pseudo_ids))
+    codes = {c: i for i, c in enumerate(sorted({r.camera_id for r in records}))}
+    cameras = torch.tensor([codes[r.camera_id] for r in records]) if len(codes) > 1 else None
+    if len(ids) != len(records) or len(anchors) != len(records):
+        raise ConfigError("self-training: one pseudo-id and one anchor per record")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = math.ceil(len(records) / cfg.batch_size) * cfg.epochs
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
+    )
+    result, start = TrainResult(num_examples=len(records)), time.perf_counter()
+    model.train()
+    for _epoch in range(cfg.epochs):
+        total, seen = 0.0, 0
+        for batch in _batches(ids, cfg.batch_size, gen):
+            px = bank.batch(idx[batch], device)
+            img = F.normalize(core.image_features(px), dim=-1)
+            loss = supcon_loss(img, ids[batch].to(device), weights.temperature)
+            if weights.anchor:
+                anchor = anchors[batch].to(device)
+                loss = loss + weights.anchor * (1 - (img * anchor).sum(-1)).mean()
+            if weights.camera and cameras is not None:
+                loss = loss + weights.camera * camera_alignment(img, cameras[batch].to(device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"self-training loss became {loss.item()}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            total += loss.item() * len(batch)
+            seen += len(batch)
+            result.steps += 1
+            if cfg.max_steps is not None and result.steps >= cfg.max_steps:
+                break
+        result.losses.append(total / max(seen, 1))
+        if cfg.max_steps is not None and result.steps >= cfg.max_steps:
+            break
+    model.eval()
+    result.seconds = time.perf_counter() - start
+    return result
