@@ -57,6 +57,7 @@ class NodeFlSettings:
     label_free_nodes: tuple[str, ...] = ()
     anchor: str = "base"  # label-free: keep crops near the base model's (or "round"'s) embedding
     camera_weight: float = 0.0  # label-free: weight of the per-camera mean alignment
+    link_cos: float = 0.7  # label-free: mutual top-1 threshold across cameras (> 1: none)
     partition: tuple[int, int] | None = None  # (partition-id, num-partitions) in simulation
     adapter_dir: Path | None = None  # the node daemon's watched adapter dir
     sim_out_dir: Path | None = None  # simulation: adapter dirs under OUT/nodes/<node>/
@@ -101,6 +102,7 @@ class NodeFlSettings:
             label_free=_flag(get("label-free", False)),
             anchor=str(get("label-free-anchor", "base")),
             camera_weight=float(get("label-free-camera", 0.0)),
+            link_cos=float(get("label-free-link-cos", 0.7)),
             label_free_nodes=tuple(
                 n.strip()
                 for n in str(run_config.get("label-free-nodes", "")).split(",")
@@ -477,7 +479,7 @@ def _train_label_free(
     crops = [by_path[p] for p in sorted(by_path)]  # embed_records' gallery order
     emb = embed_records(model, crops, bank=bank).gallery
     cams, stamps = [r.camera_id for r in crops], [r.timestamp_ms for r in crops]
-    mining = MiningSettings()
+    mining = MiningSettings(link_cos=settings.link_cos)
     tracklets = link_tracklets(cams, stamps, emb, mining)
     pseudo = pseudo_identities(tracklets, cams, emb, mining)
     t0 = time.perf_counter()

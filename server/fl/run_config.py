@@ -48,7 +48,8 @@ class FlConfig:
         sets `label-free` in its own --node-config): train without captions, on
         pseudo-identities mined from the crops (docs/label-free.md); every node, or those
         named (comma list); `label-free-anchor` (base | round) and `label-free-camera`
-        (weight of the per-camera mean alignment) tune their loss (common/self_train.py).
+        (weight of the per-camera mean alignment) tune their loss (common/self_train.py),
+        `label-free-link-cos` the cross-camera mutual top-1 threshold (edge_node/fl/mining.py).
 
     Privacy (docs/privacy.md):
     secure-aggregation: Flower's SecAgg+ (the server learns only the weighted average of
@@ -107,6 +108,7 @@ class FlConfig:
     label_free_nodes: str = ""
     label_free_anchor: str = "base"
     label_free_camera: float = 0.0
+    label_free_link_cos: float = 0.7
     secure_aggregation: bool = False
     num_shares: int = 0
     reconstruction_threshold: int = 0

@@ -139,6 +139,7 @@ def run_federated(
         "label-free-nodes",
         "label-free-anchor",
         "label-free-camera",
+        "label-free-link-cos",
     )
     client_overrides = {k: overrides[k] for k in node_keys if k in overrides}
     os.environ.setdefault("FLWR_HOME", str(out / ".flwr"))

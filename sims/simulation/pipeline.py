@@ -365,6 +365,12 @@ def build_report(
     best_trivial = max(trivial, key=trivial.get) if trivial else "zero_shot"
     for name, run in federated.items():
         methods[f"federated_{name}"] = final_metrics(run)
+    # label-free nodes (docs/label-free.md): the federated run is then that kind of run
+    options = cfg.federated.options
+    if options.get("label_free"):
+        methods["federated_label_free"] = methods["federated"]
+    elif options.get("label_free_nodes"):
+        methods["federated_mixed"] = methods["federated"]
     rounds = [
         {"round": i, **metric_subset(r["global"])}
         for i, r in enumerate(default.rounds)
@@ -412,6 +418,19 @@ def build_report(
             "local_only_per_node": local["per_node"] if local else None,
         },
     }
+    pseudo = [
+        {
+            "round": i,
+            "precision": round(m["pl-precision"], 4),
+            "recall": round(m["pl-recall"], 4),
+            "pseudo_ids": round(m["pl-ids"], 1),
+            "true_ids": round(m["pl-true-ids"], 1),
+        }
+        for i, r in enumerate(default.rounds)
+        if "pl-precision" in (m := r.get("train_metrics") or {})
+    ]
+    if pseudo:  # means over the label-free nodes, weighted by their crops
+        report["pseudo_labels"] = pseudo
     if serving is not None:
         import numpy as np
 
