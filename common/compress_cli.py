@@ -91,18 +91,18 @@ def _crop_records(args):
 
 def _finish(args, teacher, result_model, fit: dict) -> int:
     from common.datasets import load_records
-    from common.distill import image_agreement, save_student
-    from common.evaluate import evaluate
+    from common.distill import evaluate_against_teacher, save_student
 
     report = {"fit": fit, "crops": fit.pop("crops")}
     eval_data = args.eval_data or args.data
     if args.eval_split and eval_data:
         test = _of_node(load_records(eval_data, split=args.eval_split), args.node)
+        measured = evaluate_against_teacher(teacher, result_model, test)
         report["eval"] = {
             "split": args.eval_split,
-            "teacher": _metrics(evaluate(teacher, test)),
-            "model": _metrics(evaluate(result_model, test)),
-            "agreement": image_agreement(teacher, result_model, test),
+            "teacher": _metrics(measured["teacher"]),
+            "model": _metrics(measured["model"]),
+            "agreement": measured["agreement"],
         }
     save_student(result_model, args.out, report=report)
     print(json.dumps(report, indent=2))
@@ -139,14 +139,12 @@ def _fit(args, student, teacher, records) -> dict:
 
 
 def run_distill(args) -> int:
-    from common.distill import make_student
+    from common.distill import student_from_config
     from common.errors import ConfigError
-    from common.factory import create_model, get_model_config
+    from common.factory import create_model
 
     teacher = create_model(args.teacher, adapter=args.adapter, device=args.device)
-    _, student_cfg, _ = get_model_config(args.student)
-    student = make_student(teacher, student_cfg["image"], student_cfg.get("preprocess"))
-    student.name = f"{args.student}-of-{teacher.name.split('/')[-1]}"
+    student = student_from_config(teacher, args.student, seed=args.seed)
     if args.init:
         start = create_model(args.init, device=args.device)
         if start.teacher.get("fingerprint") != teacher.fingerprint:

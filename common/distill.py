@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -34,10 +35,16 @@ from tqdm.auto import tqdm
 from common.datasets import Record
 from common.errors import ConfigError
 from common.evaluate import embed_records
-from common.factory import build_image_tower, save_model
+from common.factory import build_image_tower, get_model_config, save_model
 from common.model import DualEncoder, eval_mode
 from common.preprocess import PreprocessCfg
-from common.train import ImageBank, TextFeatureCache, TrainResult, contrastive_loss
+from common.train import (
+    ImageBank,
+    TextFeatureCache,
+    TrainResult,
+    contrastive_loss,
+    cosine_schedule,
+)
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,15 @@ def make_student(
     return student
 
 
+def student_from_config(teacher: DualEncoder, spec: str | Path, *, seed: int = 0) -> DualEncoder:
+    """`make_student` with the image tower and input size of a model config (a name such as
+    `student-3stage`, or a JSON file), named `<config>-of-<teacher>`."""
+    name, config, _ = get_model_config(spec)
+    student = make_student(teacher, config["image"], config.get("preprocess"), seed=seed)
+    student.name = f"{Path(name).name}-of-{teacher.name.split('/')[-1]}"
+    return student
+
+
 @torch.no_grad()
 def teacher_targets(
     teacher: DualEncoder, bank: ImageBank, batch_size: int = 128
@@ -172,9 +188,7 @@ def distill(
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = math.ceil(n / cfg.batch_size) * cfg.epochs
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
-    )
+    sched = cosine_schedule(opt, steps)
     result, start = TrainResult(num_examples=n), time.perf_counter()
     student.train()
     bar = tqdm(total=steps, desc=desc, disable=None if cfg.progress else True, leave=False)
@@ -230,19 +244,44 @@ def _one_caption_per_image(records: Sequence[Record], bank: ImageBank) -> list[s
     return out
 
 
-def image_agreement(a: DualEncoder, b: DualEncoder, records: Sequence[Record]) -> dict:
-    """Per-crop cosine between two models' image embeddings of the same crops: how far a
-    student sits from its teacher's space (1.0: identical)."""
-    crops = [dataclasses.replace(r, captions=()) for r in records]
-    cos = torch.from_numpy(
-        (embed_records(a, crops).gallery * embed_records(b, crops).gallery).sum(-1)
-    )
+def embedding_agreement(a: np.ndarray, b: np.ndarray) -> dict:
+    """Per-crop cosine between two models' unit embeddings of the same crops (rows in the
+    same order): how far a student sits from its teacher's space (1.0: identical)."""
+    cos = (np.asarray(a, dtype=np.float64) * np.asarray(b, dtype=np.float64)).sum(-1)
     if not len(cos):
         raise ConfigError("image agreement needs at least one crop")
     return {
         "crops": len(cos),
         "cos_mean": float(cos.mean()),
-        "cos_p05": float(torch.quantile(cos, 0.05)),
+        "cos_p05": float(np.quantile(cos, 0.05)),
+    }
+
+
+def image_agreement(a: DualEncoder, b: DualEncoder, records: Sequence[Record]) -> dict:
+    """`embedding_agreement` of two models on the crops of `records`."""
+    crops = [dataclasses.replace(r, captions=()) for r in records]
+    return embedding_agreement(embed_records(a, crops).gallery, embed_records(b, crops).gallery)
+
+
+def evaluate_against_teacher(
+    teacher: DualEncoder, model: DualEncoder, records: Sequence[Record]
+) -> dict:
+    """R1/mAP of the teacher and of its student (or pruned copy) on `records`, and their
+    agreement; each model embeds the crops once, and the captions are encoded once, by the
+    teacher, since the student's text side is the teacher's."""
+    from common.metrics import retrieval_metrics
+
+    ref = embed_records(teacher, records)
+    crops = [dataclasses.replace(r, captions=()) for r in records]
+    gallery = embed_records(model, crops).gallery  # same sorted-path order as ref.gallery
+
+    def scores(g: np.ndarray) -> dict:
+        return retrieval_metrics(ref.queries @ g.T, ref.query_ids, ref.gallery_ids)
+
+    return {
+        "teacher": scores(ref.gallery),
+        "model": scores(gallery),
+        "agreement": embedding_agreement(ref.gallery, gallery),
     }
 
 

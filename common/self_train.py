@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from common.datasets import Record
 from common.errors import ConfigError
-from common.train import ImageBank, TrainConfig, TrainResult, core_model
+from common.train import ImageBank, TrainConfig, TrainResult, core_model, cosine_schedule
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,7 @@ def self_train(
     steps = math.ceil(len(records) / cfg.batch_size) * cfg.epochs
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
-    )
+    sched = cosine_schedule(opt, steps)
     result, start = TrainResult(num_examples=len(records)), time.perf_counter()
     model.train()
     for _epoch in range(cfg.epochs):

@@ -336,11 +336,17 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int):
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
     if cfg.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return cosine_schedule(opt, total, cfg.warmup_steps)
+
+
+def cosine_schedule(opt: torch.optim.Optimizer, total: int, warmup_steps: int = 0):
+    """Linear warm-up, then cosine decay to 0 at step `total`: every training loop's
+    default (fine-tuning, distillation, self-training)."""
 
     def cosine(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, cosine)

@@ -44,11 +44,11 @@ def link_tracklets(
     labels = np.full(len(cameras), -1, dtype=np.int64)
     order = sorted(range(len(cameras)), key=lambda i: (cameras[i], timestamps[i], i))
     sums: list[np.ndarray] = []
-    last: list[tuple[str, int]] = []  # (camera, timestamp of the newest crop) per tracklet
+    newest: list[int] = []  # timestamp of each tracklet's newest crop
     open_by_camera: dict[str, list[int]] = {}
     for i in order:
         cam, ts = cameras[i], int(timestamps[i])
-        live = [t for t in open_by_camera.get(cam, []) if ts - last[t][1] <= cfg.max_gap_ms]
+        live = [t for t in open_by_camera.get(cam, []) if ts - newest[t] <= cfg.max_gap_ms]
         open_by_camera[cam] = live
         best, best_cos = -1, cfg.min_cos
         for t in live:
@@ -58,10 +58,10 @@ def link_tracklets(
         if best < 0:
             best = len(sums)
             sums.append(np.zeros(emb.shape[1]))
-            last.append((cam, ts))
+            newest.append(ts)
             live.append(best)
         sums[best] = sums[best] + emb[i]
-        last[best] = (cam, ts)
+        newest[best] = ts
         labels[i] = best
     return labels
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.datasets import Record
-from common.distill import DistillConfig, distill, make_student, save_student
+from common.distill import DistillConfig, distill, save_student, student_from_config
 from common.errors import ConfigError
-from common.factory import create_model, get_model_config
+from common.factory import create_model
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,7 @@ def distil_students(
         raise ConfigError("students: the data has no source split to distil on")
     t0 = time.perf_counter()
     teacher = create_model(base_spec, adapter=adapter).eval()
-    _, spec, _ = get_model_config(section.model)
-    shared = make_student(teacher, spec["image"], spec.get("preprocess"), seed=seed)
-    shared.name = f"{section.model}-of-{teacher.name.split('/')[-1]}"
+    shared = student_from_config(teacher, section.model, seed=seed)
     cfg = DistillConfig(
         epochs=section.source_epochs, lr=section.lr, text_weight=0.0, seed=seed, progress=progress
     )
