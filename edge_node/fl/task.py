@@ -170,20 +170,31 @@ def gallery_records(data_dir: Path, node_name: str = "") -> list[Record]:
     ]
 
 
+def is_label_free(settings: NodeFlSettings, name: str) -> bool:
+    """Whether this node trains without captions: every node, or one the run names."""
+    return settings.label_free or name in settings.label_free_nodes
+
+
 def load_node_data(settings: NodeFlSettings) -> NodeData:
     if settings.gallery is not None:
         crops = gallery_records(settings.gallery, settings.node_name)
-        train = [r for r in crops if r.captions]
         name = settings.node_name or settings.gallery.name
+        label_free = is_label_free(settings, name)
+        train = crops if label_free else [r for r in crops if r.captions]
         log.info(
-            "node %s: gallery %s holds %d crops, %d with captions (trained on those)",
-            name, settings.gallery, len(crops), len(train),
+            "node %s: gallery %s holds %d crops, %d with captions (%s)",
+            name, settings.gallery, len(crops), sum(1 for r in crops if r.captions),
+            "label-free: all of them, captions ignored" if label_free else "trained on those",
         )  # fmt: skip
         if not train:
             raise DatasetError(
                 f"node {name}: the gallery at {settings.gallery} has {len(crops)} crops but "
-                "none with captions; training needs captioned crops (label-free rounds are "
-                "not built yet)"
+                + (
+                    "training needs at least one"
+                    if label_free
+                    else "none with captions; set label-free=true in --node-config to "
+                    "train on uncaptioned crops (docs/label-free.md)"
+                )
             )
         return NodeData(name, train, [])
     records = load_records(settings.data_path)
@@ -364,7 +375,7 @@ class NodeTrainer:
         )
         bank, cache = self._bank(settings, data, model), self._cache(model, settings)
         mined: dict[str, float] = {}
-        if settings.label_free or data.name in settings.label_free_nodes:
+        if is_label_free(settings, data.name):
             result, mined = _train_label_free(model, data.train, cfg, bank, settings)
         else:
             result = train(model, data.train, cfg, reference=reference, text_cache=cache, bank=bank)
@@ -381,6 +392,9 @@ class NodeTrainer:
             "num-examples": 1 if plan.uniform_weights else result.num_examples,
             "train-loss": result.losses[-1],
             "train-seconds": result.seconds,
+            # the node's cost: this process's peak resident memory so far (a SuperNode runs
+            # one ClientApp process per run; a simulation process serves several nodes)
+            "peak-rss-mb": _peak_rss_mb(),
             **mined,
         }
         if plan.local_eval and data.heldout:
@@ -461,6 +475,12 @@ class NodeTrainer:
         return None
 
 
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _train_label_free(
     model, records: list[Record], cfg, bank, settings: NodeFlSettings
 ) -> tuple[Any, dict[str, float]]:
@@ -475,6 +495,7 @@ def _train_label_free(
     from common.self_train import SelfTrainWeights, self_train
     from edge_node.fl.mining import MiningSettings, label_quality, link_tracklets, pseudo_identities
 
+    t0 = time.perf_counter()
     by_path = {r.image_path: dataclasses.replace(r, captions=()) for r in records}
     crops = [by_path[p] for p in sorted(by_path)]  # embed_records' gallery order
     emb = embed_records(model, crops, bank=bank).gallery
@@ -482,7 +503,6 @@ def _train_label_free(
     mining = MiningSettings(link_cos=settings.link_cos)
     tracklets = link_tracklets(cams, stamps, emb, mining)
     pseudo = pseudo_identities(tracklets, cams, emb, mining)
-    t0 = time.perf_counter()
     anchors = emb
     if settings.anchor == "base":  # fixed across rounds: the text-aligned start
         with model.disable_adapter():
@@ -494,7 +514,8 @@ def _train_label_free(
     metrics: dict[str, float] = {
         "pl-ids": float(len(np.unique(pseudo))),
         "pl-tracklets": float(len(np.unique(tracklets))),
-        "pl-seconds": time.perf_counter() - t0,
+        # embedding with the round's (and the base) model + tracklets + pseudo-identities
+        "pl-seconds": time.perf_counter() - t0 - result.seconds,
     }
     truth = [r.person_id for r in crops]
     if min(truth) >= 0:  # a simulated node knows the truth; a real site does not
@@ -504,6 +525,8 @@ def _train_label_free(
                 "pl-precision": quality["precision"],
                 "pl-recall": quality["recall"],
                 "pl-true-ids": float(quality["true_labels"]),
+                # share of crops whose tracklet's majority person is theirs
+                "pl-tracklet-purity": label_quality(tracklets, truth)["purity"],
             }
         )
     return result, metrics

@@ -375,6 +375,7 @@ def _traffic(stats: RoundStats | None) -> dict[str, Any]:
         "aggregated": stats.aggregated,
         "secure": stats.secure,
         "train_metrics": stats.train_metrics,
+        "partial_train_metrics": stats.partial_train_metrics,
         "evaluate_metrics": stats.evaluate_metrics,
     }
 

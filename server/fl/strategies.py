@@ -152,6 +152,10 @@ class RoundStats:
     aggregated: bool = False
     secure: bool = False  # the replies carried SecAgg+'s aggregate, no individual update
     train_metrics: dict[str, float] = field(default_factory=dict)  # weighted over nodes
+    # metrics only some replies had (node name -> its num-examples and those keys): the
+    # weighted mean above keeps only the keys every reply has (e.g. a label-free node's
+    # pseudo-label figures in a mixed fleet)
+    partial_train_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -284,7 +288,7 @@ class ValidatedAggregation:
             )
             accepted.append(msg)
             stats.accepted.append(node)
-        _align_metric_keys(accepted)
+        _align_metric_keys(accepted, stats)
         return accepted
 
     def _screen_aggregate(
@@ -324,7 +328,7 @@ class ValidatedAggregation:
             if name:
                 stats.node_names[node] = name
             stats.accepted.append(node)
-        _align_metric_keys(secure)
+        _align_metric_keys(secure, stats)
         return secure
 
     def _screen(self, content: RecordDict, stats: RoundStats, node: int) -> dict[str, np.ndarray]:
@@ -364,8 +368,9 @@ def _node_name(content: RecordDict) -> str:
     return name if isinstance(name, str) else ""
 
 
-def _align_metric_keys(messages: list[Message]) -> None:
-    """Keep only the metric keys every reply has, so Flower's consistency check passes.
+def _align_metric_keys(messages: list[Message], stats: RoundStats | None = None) -> None:
+    """Keep only the metric keys every reply has, so Flower's consistency check passes;
+    the others go to `stats.partial_train_metrics`, per node.
 
     A node without a local held-out split cannot report local Rank-1; that must not throw
     away the whole round.
@@ -376,6 +381,12 @@ def _align_metric_keys(messages: list[Message]) -> None:
     common = set.intersection(*(set(r.keys()) for r in records if r is not None))
     for msg, record in zip(messages, records, strict=True):
         if record is not None and set(record.keys()) != common:
+            if stats is not None:
+                node = msg.metadata.src_node_id
+                extra = {k: record[k] for k in record if k not in common or k == "num-examples"}
+                stats.partial_train_metrics[stats.node_names.get(node, str(node))] = _plain(
+                    MetricRecord(extra)
+                )
             (key,) = msg.content.metric_records.keys()
             msg.content[key] = MetricRecord({k: record[k] for k in record if k in common})
 

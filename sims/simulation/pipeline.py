@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -419,17 +420,9 @@ def build_report(
         },
     }
     pseudo = [
-        {
-            "round": i,
-            "precision": round(m["pl-precision"], 4),
-            "recall": round(m["pl-recall"], 4),
-            "pseudo_ids": round(m["pl-ids"], 1),
-            "true_ids": round(m["pl-true-ids"], 1),
-        }
-        for i, r in enumerate(default.rounds)
-        if "pl-precision" in (m := r.get("train_metrics") or {})
+        {"round": i, **m} for i, r in enumerate(default.rounds) if (m := pseudo_label_means(r))
     ]
-    if pseudo:  # means over the label-free nodes, weighted by their crops
+    if pseudo:
         report["pseudo_labels"] = pseudo
     if serving is not None:
         import numpy as np
@@ -456,3 +449,31 @@ def build_report(
 
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
+
+
+def pseudo_label_means(row: Mapping[str, Any]) -> dict[str, float]:
+    """A round's pseudo-label quality: means over its label-free nodes, weighted by their
+    crops. In an all-label-free fleet the strategy's weighted train metrics hold them; in a
+    mixed fleet only some replies have them, and they are in `partial_train_metrics`."""
+    keys = {
+        "precision": "pl-precision",
+        "recall": "pl-recall",
+        "pseudo_ids": "pl-ids",
+        "true_ids": "pl-true-ids",
+        "tracklet_purity": "pl-tracklet-purity",
+    }
+    rows = [row.get("train_metrics") or {}]
+    if "pl-precision" not in rows[0]:
+        rows = [m for m in (row.get("partial_train_metrics") or {}).values()]
+    rows = [m for m in rows if "pl-precision" in m]
+    if not rows:
+        return {}
+    weights = [float(m.get("num-examples", 1)) for m in rows]
+    total = sum(weights) or 1.0
+    return {
+        name: round(
+            sum(w * m.get(key, float("nan")) for w, m in zip(weights, rows, strict=True)) / total,
+            4,
+        )
+        for name, key in keys.items()
+    }

@@ -69,8 +69,32 @@ def test_a_gallery_without_captions_is_refused_by_name(tmp_path: Path):
     gallery = Gallery(tmp_path / "d" / "gallery", Limits())
     _ingest(gallery, 0, 4, captioned=False)
     settings = NodeFlSettings.from_configs({"gallery": str(tmp_path / "d"), "node-id": "n"}, {})
-    with pytest.raises(DatasetError, match="4 crops but none with captions"):
+    with pytest.raises(DatasetError, match="4 crops but none with captions; set label-free"):
         load_node_data(settings)
+    gallery.close()
+
+
+def test_a_label_free_node_trains_on_every_uncaptioned_crop_of_its_gallery(tmp_path: Path):
+    data_dir = tmp_path / "node-data"
+    gallery = Gallery(data_dir / "gallery", Limits())
+    _ingest(gallery, 0, 10, captioned=False)  # 1 ms apart on 2 cameras: tracklets by time
+    _ingest(gallery, 100, 2, captioned=True)  # captions there are ignored, not required
+    node_config = {"gallery": str(data_dir), "node-id": "gate-3", "label-free": "true"}
+    data = load_node_data(NodeFlSettings.from_configs(node_config, {}))
+    assert len(data.train) == 12
+
+    _, cfg, _, _, initial, digest = _setup(data_dir, tmp_path, "fedavg")
+    config = sent_config(cfg, digest)
+    config["server-round"] = 1
+    msg = _message(RecordDict({"arrays": initial, "config": config}), "train")
+    reply = build_client_app()(msg, _context(node_config))
+    assert not reply.has_error(), reply.error
+    metrics = next(iter(reply.content.metric_records.values()))
+    assert metrics["num-examples"] == 12
+    # two cameras, every crop within 2 s of the last: at most one tracklet per camera
+    # (more only where the appearance gate splits one)
+    assert 2 <= metrics["pl-tracklets"] <= 12 and metrics["pl-ids"] <= metrics["pl-tracklets"]
+    assert "pl-precision" not in metrics  # a site has no ground truth
     gallery.close()
 
 
