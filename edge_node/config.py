@@ -64,14 +64,15 @@ class IndexSettings:
 
 @dataclass(frozen=True)
 class CameraNormSettings:
-    """Per-camera gray-world colour normalisation of crops before embedding (`[camera-norm]`).
+    """Per-camera colour and levels normalisation of crops before embedding (`[camera-norm]`).
 
     Label-free and computed on the node from its own gallery (`common.camera_norm`): each
-    camera's channel gains undo its light's colour cast. It is also the trivial baseline
-    the federated model must beat (docs/benchmark.md).
+    camera's channel gains undo its light's colour cast, its levels its exposure. It is also
+    the trivial baseline the federated model must beat (docs/benchmark.md).
     """
 
     enabled: bool = False  # off: crops are embedded as they are (no statistics kept)
+    levels: bool = True  # also stretch each camera's black and white point (not only gains)
     min_images: int = 20  # a camera's gains are used once it has this many crops
     refit_change: float = 0.05  # re-embed the gallery when a gain drifts by more than this
 
@@ -82,6 +83,10 @@ class CameraNormSettings:
             "must be true or false",
             self.enabled,
         )
+        _require(
+            isinstance(self.levels, bool), "[camera-norm] levels", "must be true or false",
+            self.levels,
+        )  # fmt: skip
         _require(
             isinstance(self.min_images, int)
             and not isinstance(self.min_images, bool)

@@ -51,6 +51,9 @@ class NodeFlSettings:
     # a node daemon's data dir: train on the crops its gallery holds (a deployment's data
     # store, read while the daemon ingests); replaces data-path
     gallery: Path | None = None
+    # train on crops normalised per camera (gains + levels from the node's own crops), as the
+    # node daemon embeds them with `[camera-norm] enabled`: no train/serve skew
+    camera_norm: bool = False
     # train without captions (pseudo-identities mined from the crops, docs/label-free.md):
     # every node (`label-free`), or the nodes named in the run config's `label-free-nodes`
     label_free: bool = False
@@ -99,6 +102,7 @@ class NodeFlSettings:
         return cls(
             data_path=Path(data_path).expanduser() if data_path else Path(""),
             gallery=Path(str(gallery)).expanduser() if gallery else None,
+            camera_norm=_flag(get("camera-norm", False)),
             label_free=_flag(get("label-free", False)),
             anchor=str(get("label-free-anchor", "base")),
             camera_weight=float(get("label-free-camera", 0.0)),
@@ -319,11 +323,20 @@ class NodeTrainer:
         pre = core_model(model).preprocess
         # a gallery's crops change between rounds: its bank is keyed by what it holds
         held = (len(data.train), str(data.train[-1].image_path)) if settings.gallery else ()
-        key = (str(settings.data_path), str(settings.gallery), data.name, repr(pre), held)
+        key = (
+            str(settings.data_path), str(settings.gallery), data.name, repr(pre), held,
+            settings.camera_norm,
+        )  # fmt: skip
         if key not in self._banks:
             if settings.gallery is not None:  # one bank per gallery: drop last round's
                 self._banks = {k: v for k, v in self._banks.items() if k[1] != key[1]}
-            self._banks[key] = ImageBank(data.train + data.heldout, pre)
+            crops = data.train + data.heldout
+            norm = None
+            if settings.camera_norm:  # per camera, from this node's own crops
+                from common.camera_norm import gallery_camera_norm
+
+                norm = gallery_camera_norm(crops)
+            self._banks[key] = ImageBank(crops, pre, norm)
         return self._banks[key]
 
     def _cache(self, model, settings: NodeFlSettings):

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.camera_norm import CameraNorm, CameraStats, image_mean_rgb
+from common.camera_norm import CameraNorm, CameraStats, image_stats
 
 from .indexer import write_atomically
 
@@ -61,11 +61,11 @@ class GalleryCameraStats:
         image_id = int(image_id)
         if image_id in self._counted:  # the usual case on a re-index: skip the mean
             return False
-        mean = image_mean_rgb(img)
+        stats = image_stats(img)
         with self._lock:
             if image_id in self._counted:
                 return False
-            self._stats.add(camera_id, mean)
+            self._stats.add(camera_id, stats)
             self._counted.add(image_id)
             self._counted_cache = None
         return True
@@ -81,10 +81,10 @@ class GalleryCameraStats:
     def __len__(self) -> int:
         return len(self._counted)
 
-    def norm(self, min_images: int) -> CameraNorm:
-        """The gains the statistics give now (cameras with `min_images` crops or more)."""
+    def norm(self, min_images: int, *, levels: bool = True) -> CameraNorm:
+        """The transform the statistics give now (cameras with `min_images` crops or more)."""
         with self._lock:
-            return self._stats.norm(min_images)
+            return self._stats.norm(min_images, levels=levels)
 
     def counts(self) -> dict[str, int]:
         with self._lock:

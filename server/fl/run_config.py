@@ -44,6 +44,10 @@ class FlConfig:
     max-steps: cap on local optimiser steps per round (0: no cap), for quick runs.
     text-cache: a saved `TextFeatureCache` of the base model (captions already encoded by
         the frozen text tower); the server and simulated nodes start from it. Speed only.
+    camera-norm: nodes train on their crops normalised per camera (common/camera_norm.py,
+        from their own crops), as a node daemon with `[camera-norm] enabled` serves them,
+        and the server evaluates on its held-out gallery normalised the same way. A
+        deployed node sets it in its own --node-config as well.
     label-free / label-free-nodes: node-side, read by simulated nodes only (a deployed node
         sets `label-free` in its own --node-config): train without captions, on
         pseudo-identities mined from the crops (docs/label-free.md); every node, or those
@@ -104,6 +108,7 @@ class FlConfig:
     client_threads: int = 1
     server_threads: int = 0
     text_cache: str = ""
+    camera_norm: bool = False
     label_free: bool = False
     label_free_nodes: str = ""
     label_free_anchor: str = "base"

@@ -163,7 +163,12 @@ class RoundRecorder:
 
         core = core_model(self.model)
         if self.bank is None:
-            self.bank = ImageBank(self.records, core.preprocess)
+            norm = None
+            if self.cfg.camera_norm:  # what nodes with `[camera-norm]` serve: per camera
+                from common.camera_norm import gallery_camera_norm
+
+                norm = gallery_camera_norm(self.records)
+            self.bank = ImageBank(self.records, core.preprocess, norm)
             self.text_cache = TextFeatureCache.load(self.cfg.text_cache, core.fingerprint)
         metrics = evaluate(self.model, self.records, text_cache=self.text_cache, bank=self.bank)
         return MetricRecord({k: float(metrics[k]) for k in ("R1", "R5", "R10", "mAP", "mINP")})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from common.camera_norm import CameraNorm
 from common.datasets import Record
 from common.evaluate import evaluate
 from common.factory import create_model
@@ -25,10 +26,14 @@ def fine_tune_and_evaluate(
     text_cache: TextFeatureCache,
     test_bank: ImageBank,
     desc: str,
+    train_norm: CameraNorm | None = None,
 ) -> dict:
+    """`train_norm`: train on crops normalised per camera (then `test_bank` should be too)."""
     model = create_model(base_spec)
+    bank = ImageBank(train_recs, model.preprocess, train_norm) if train_norm else None
     peft_model = attach_lora(model)
-    train(peft_model, train_recs, TrainConfig(**train_kwargs), text_cache=text_cache, desc=desc)
+    cfg = TrainConfig(**train_kwargs)
+    train(peft_model, train_recs, cfg, text_cache=text_cache, desc=desc, bank=bank)
     return evaluate(peft_model, test_recs, text_cache=text_cache, bank=test_bank)
 
 
@@ -39,11 +44,19 @@ def local_only(
     train_kwargs: Mapping,
     text_cache: TextFeatureCache,
     test_bank: ImageBank,
+    train_norm: CameraNorm | None = None,
 ) -> dict:
     """Per node metrics, their mean, and the best node (by Rank-1)."""
     per_node = {
         node: fine_tune_and_evaluate(
-            base_spec, recs, test_recs, train_kwargs, text_cache, test_bank, f"local {node}"
+            base_spec,
+            recs,
+            test_recs,
+            train_kwargs,
+            text_cache,
+            test_bank,
+            f"local {node}",
+            train_norm,
         )
         for node, recs in nodes.items()
     }
@@ -64,7 +77,9 @@ def centralized(
     train_kwargs: Mapping,
     text_cache: TextFeatureCache,
     test_bank: ImageBank,
+    train_norm: CameraNorm | None = None,
 ) -> dict:
     return fine_tune_and_evaluate(
-        base_spec, train_recs, test_recs, train_kwargs, text_cache, test_bank, "centralised"
-    )
+        base_spec, train_recs, test_recs, train_kwargs, text_cache, test_bank, "centralised",
+        train_norm,
+    )  # fmt: skip

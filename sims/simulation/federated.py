@@ -135,6 +135,7 @@ def run_federated(
         "train-split",
         "eval-split",
         "text-cache",
+        "camera-norm",
         "label-free",
         "label-free-nodes",
         "label-free-anchor",

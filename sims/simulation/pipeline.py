@@ -84,6 +84,9 @@ class SimConfig:
     serving: ServingSettings = field(default_factory=ServingSettings)
     students: StudentSection = field(default_factory=StudentSection)
     serve: bool = True
+    # train, evaluate and serve on crops normalised per camera (`common/camera_norm.py`, the
+    # nodes' `[camera-norm]`); zero-shot stays on the raw crops beside zero-shot + camera norm
+    camera_norm: bool = False
 
 
 def load_sim_config(path: str | Path | None) -> SimConfig:
@@ -225,6 +228,9 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
     camera_norm = gallery_camera_norm(test_recs)  # label-free, from the gallery itself
     normed_bank = ImageBank(test_recs, base.preprocess, camera_norm)
     zero_shot_norm = evaluate(base, test_recs, text_cache=text_cache, bank=normed_bank)
+    train_norm = None
+    if cfg.camera_norm:  # every later stage sees the normalised crops, as the nodes would
+        test_bank, train_norm = normed_bank, gallery_camera_norm(train_recs)
     del normed_bank
     stage("zero_shot_camera_norm", t0)
 
@@ -249,6 +255,7 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
             "eval-split": "test",
             "seed": cfg.seed,
             "text-cache": text_cache_file,
+            "camera-norm": cfg.camera_norm,
             # TOML keys arrive snake_cased; Flower's run config is kebab-case
             **{k.replace("_", "-"): v for k, v in fed.options.items()},
         }
@@ -274,11 +281,15 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
     local = cent = None
     if cfg.baselines.local_only:
         t0 = time.perf_counter()
-        local = local_only(base_spec, nodes, test_recs, train_kwargs, text_cache, test_bank)
+        local = local_only(
+            base_spec, nodes, test_recs, train_kwargs, text_cache, test_bank, train_norm
+        )
         stage("local_only", t0)
     if cfg.baselines.centralized:
         t0 = time.perf_counter()
-        cent = centralized(base_spec, train_recs, test_recs, train_kwargs, text_cache, test_bank)
+        cent = centralized(
+            base_spec, train_recs, test_recs, train_kwargs, text_cache, test_bank, train_norm
+        )
         stage("centralized", t0)
 
     serving = students = None
@@ -315,6 +326,7 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
             progress=progress,
             students=students,
             vector_only=cfg.students.vector_only,
+            camera_norm=cfg.camera_norm,
         )
         log.info("broker R1 %.2f vs offline %.2f", serving.metrics["R1"], serving.offline["R1"])
         stage("serving", t0)
@@ -442,6 +454,8 @@ def build_report(
             "hot_swap_s": round(serving.swap_seconds, 1),
             "merge": serving.merge_modes,
         }
+        if cfg.camera_norm:  # what each node's index was embedded with
+            report["broker"]["camera_norm"] = serving.camera_norm
         if serving.students:  # nodes that served a distilled student, and the broker's verdict
             report["broker"]["students"] = serving.students
     return report

@@ -153,10 +153,18 @@ def markdown(report: dict) -> str:
         f"epoch(s), lr {cfg['federated']['lr']}, on Flower's simulation engine; only LoRA "
         "adapters travel.",
         "- Baselines on the same split and the same number of epochs: zero-shot base model, "
-        "zero-shot + camera normalisation (per-camera gray-world gains from each camera's own "
-        "gallery images; no labels, no training), local-only (each node alone, evaluated on "
-        "the whole gallery), centralised LoRA on the pooled training data (the upper bound "
-        "federated learning may not see).",
+        "zero-shot + camera normalisation (per-camera gray-world gains and black/white levels "
+        "from each camera's own gallery images; no labels, no training), local-only (each "
+        "node alone, evaluated on the whole gallery), centralised LoRA on the pooled training "
+        "data (the upper bound federated learning may not see).",
+        (
+            "- Camera normalisation on (`camera-norm = true`): federated, local-only and "
+            "centralised train and are evaluated on crops normalised per camera, and the node "
+            "daemons serve them so; zero-shot is the base model on the raw crops."
+            if cfg.get("camera_norm")
+            else "- Camera normalisation off: every method but zero-shot + camera "
+            "normalisation sees the raw crops."
+        ),
         "- Metrics: text-to-image Rank-k, mAP, mINP in percent over every test caption "
         "against the union gallery of all nodes' test images.",
         "",

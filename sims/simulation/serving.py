@@ -66,10 +66,21 @@ class ServingResult:
     sheet_queries: list[str]
     # node id -> {model_version, verified, agreement, note} for nodes serving a student
     students: dict[str, dict] = field(default_factory=dict)
+    # node id -> the camera normalisation its index was embedded with ("" when off)
+    camera_norm: dict[str, str] = field(default_factory=dict)
 
 
-def node_files(node_id: str, root: Path, model: str, max_k: int, **keys: object) -> NodeFiles:
-    """The node's config, as the simulation needs it (`keys`: further top-level keys)."""
+def node_files(
+    node_id: str, root: Path, model: str, max_k: int, camera_norm: bool = False, **keys: object
+) -> NodeFiles:
+    """The node's config, as the simulation needs it (`keys`: further top-level keys).
+    `camera_norm`: `[camera-norm] enabled`, from the first crop of a camera on."""
+    sections: dict[str, dict[str, object]] = {
+        "index": {"embed-batch-size": 64, "save-interval-s": 5.0},
+        "limits": {"max-k": max_k, "max-ingest-batch": 256},
+    }
+    if camera_norm:
+        sections["camera-norm"] = {"enabled": True, "min-images": 1}
     return write_node_config(
         root,
         node_id,
@@ -79,10 +90,7 @@ def node_files(node_id: str, root: Path, model: str, max_k: int, **keys: object)
         drop_dir="",
         torch_threads=1,
         grace_s=2.0,
-        sections={
-            "index": {"embed-batch-size": 64, "save-interval-s": 5.0},
-            "limits": {"max-k": max_k, "max-ingest-batch": 256},
-        },
+        sections=sections,
     )
 
 
@@ -142,6 +150,7 @@ def run_serving(
     progress: bool = True,
     students: StudentRun | None = None,
     vector_only: bool = True,
+    camera_norm: bool = False,
 ) -> ServingResult:
     """Start the nodes and the broker, swap in the adapter, run the test captions.
 
@@ -158,7 +167,7 @@ def run_serving(
     files = [
         node_files(nid, out / nid, str(student_dirs[nid]), max_k=gallery, **student_keys)
         if nid in student_dirs
-        else node_files(nid, out / nid, base_model, max_k=gallery)
+        else node_files(nid, out / nid, base_model, max_k=gallery, camera_norm=camera_norm)
         for nid in sorted(test_by_node)
     ]
     nodes = start_node_processes(files, ready_timeout_s=settings.start_timeout_s)
@@ -243,6 +252,7 @@ def run_serving(
         result.swap_seconds = swap_seconds
         result.sheet_queries = sheets
         result.students = verdicts
+        result.camera_norm = {n.node_id: n.status().camera_norm_version for n in nodes}
         return result
     finally:
         if server is not None:

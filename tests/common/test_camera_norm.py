@@ -1,4 +1,4 @@
-"""Gray-world camera normalisation: undoes a per-camera gain, persists, versions, refuses junk."""
+"""Camera normalisation: undoes a per-camera gain and exposure, persists, versions, refuses junk."""
 
 from __future__ import annotations
 
@@ -72,8 +72,49 @@ def test_gains_are_bounded_for_a_camera_that_sees_no_blue():
         {"format": 1, "gains": {"c01": [1.0, 1.0, 90.0]}},
         {"format": 1, "gains": {"c01": [1.0, "x", 1.0]}},
         {"format": 7, "gains": {}},
+        {"format": 2, "gains": {"c01": [1.0, 1.0, 1.0]}, "levels": {"c01": [40.0, 45.0]}},
+        {"format": 2, "gains": {"c01": [1.0, 1.0, 1.0]}, "levels": {"c01": [-5.0, 200.0]}},
+        {"format": 2, "gains": {"c01": [1.0, 1.0, 1.0]}, "levels": {"c02": [10.0, 200.0]}},
+        {"format": 2, "gains": {"c01": [1.0, 1.0, 1.0]}, "levels": {"c01": [10.0]}},
     ],
 )
 def test_a_corrupt_file_is_refused_with_its_reason(bad):
     with pytest.raises(ValueError):
         CameraNorm.from_dict(bad)
+
+
+def _exposed(scene: np.ndarray, black: float, span: float) -> Image.Image:
+    """A camera's exposure: 0..255 squeezed into black..black+span (a dim, foggy camera)."""
+    return Image.fromarray(np.clip(black + scene * (span / 255.0), 0, 255).astype(np.uint8))
+
+
+def test_a_dim_camera_is_stretched_back_and_gains_only_leaves_it_dim():
+    rng = np.random.default_rng(3)
+    # grey scenes, so their luminance spans 0..255 like their channels
+    grey = [rng.integers(0, 256, size=(32, 16, 1)).astype(np.float32) for _ in range(40)]
+    scenes = [np.repeat(g, 3, axis=2) for g in grey]
+    pairs = [("dim", _exposed(s, 60.0, 90.0)) for s in scenes]
+    pairs += [("ok", Image.fromarray(s.astype(np.uint8))) for s in scenes]
+    norm = fit_camera_norm(pairs)
+    lo, hi = norm.levels["dim"]
+    assert 58 <= lo <= 66 and 144 <= hi <= 152  # ~black + 1% / 99% of the span
+    fixed = [np.asarray(norm.apply(img, "dim"), np.float32) for _, img in pairs[:40]]
+    spread = np.mean([np.percentile(f, 99) - np.percentile(f, 1) for f in fixed])
+    assert spread > 220  # was ~88: the camera's exposure is undone
+    # what the stretch gives back is the scene itself, up to rounding of the dim camera
+    assert np.mean([np.abs(f - s).mean() for f, s in zip(fixed, scenes, strict=True)]) < 8
+    gains_only = fit_camera_norm(pairs, levels=False)
+    assert gains_only.levels == {} and gains_only.version != norm.version
+    dim = np.asarray(gains_only.apply(pairs[0][1], "dim"), np.float32)
+    assert np.percentile(dim, 99) - np.percentile(dim, 1) < 100
+
+
+def test_levels_round_trip_and_a_gains_only_file_still_reads():
+    pairs = [("c01", _exposed(s, 50.0, 120.0)) for s in _scenes(20, 4)]
+    norm = fit_camera_norm(pairs)
+    again = CameraNorm.from_dict(norm.to_dict())
+    assert again == norm and again.version == norm.version
+    old = {"format": 1, "gains": {"c01": [1.0, 1.0, 1.0]}, "counts": {"c01": 5}}
+    read = CameraNorm.from_dict(old)  # written before levels existed: gains, no levels
+    assert read.levels == {} and read.gain("c01") is not None
+    assert norm.max_change(read) == 1.0  # a node refits when its saved norm lacks levels

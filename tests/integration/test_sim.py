@@ -62,6 +62,11 @@ def test_broker_answers_equal_offline_metrics(mini_report) -> None:
     assert broker["metrics"] == broker["offline"]
     assert broker["top10_agreement"] == 1.0
     assert broker["merge"] == {"score": broker["queries"]}  # one model version everywhere
+    # the mini config normalises per camera: every node served normalised crops, and the
+    # broker's answers equal the offline ranking of the same normalised gallery
+    assert mini_report[0]["setup"]["config"]["camera_norm"] is True
+    versions = broker["camera_norm"].values()
+    assert versions and all(v.startswith("cn-") for v in versions)
 
 
 def test_federated_result_is_the_final_round(mini_report) -> None:

@@ -35,6 +35,7 @@ def test_a_label_free_fleet_reports_its_pseudo_labels_every_round(
         base,
         federated=fed,
         serve=False,
+        camera_norm=False,  # the raw-crop path (the mini config normalises)
         baselines=dataclasses.replace(base.baselines, local_only=False, centralized=False),
     )
     report = run_sim(cfg, tmp_path / "run", tmp_path / "cache", progress=False)
