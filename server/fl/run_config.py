@@ -20,7 +20,7 @@ from common.config import from_dict, kebab, snake_keys
 from common.errors import ConfigError
 from common.round_plan import RoundPlan
 
-STRATEGIES = ("fedavg", "ffa", "robust")
+STRATEGIES = ("fedavg", "ffa", "robust", "random-walk")
 ROBUST_AGGREGATORS = ("trimmed", "median")
 DP_MODES = ("off", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive")
 
@@ -31,7 +31,9 @@ class FlConfig:
 
     strategy: fedavg (FedIT: weighted FedAvg of A and B), ffa (FFA-LoRA: A frozen at the
         shared seeded init, only B travels, aggregation exact), robust (FedIT payload, every
-        update's change clipped to `clip-norm`, then FedTrimmedAvg or FedMedian).
+        update's change clipped to `clip-norm`, then FedTrimmedAvg or FedMedian),
+        random-walk (one node per round in a seeded shuffled order; its update is the next
+        global adapter, no averaging: seed 004's alternative).
     max-update-norm: an update whose change from the round's global adapter has a larger L2
         norm is rejected (0 disables the bound). Catches scaled/poisoned updates.
     min-nodes: nodes that must be connected before a round starts and nodes sampled.
@@ -203,6 +205,11 @@ class FlConfig:
                     f"`dp-clipped-count-stddev` ({stddev:g}; 0 means min-nodes / 20) for "
                     "adaptive clipping: raise `dp-clipped-count-stddev`"
                 )
+        if self.strategy == "random-walk" and (self.dp != "off" or self.secure_aggregation):
+            raise ConfigError(
+                "`random-walk` hands one node's update on as the global adapter: DP noise "
+                "calibrated to a mean and SecAgg+ (which needs several nodes) do not apply"
+            )
         if self.dp != "off" and self.strategy == "robust":
             raise ConfigError(
                 "`dp` needs an averaging strategy (fedavg or ffa): the DP noise is calibrated "

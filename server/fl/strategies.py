@@ -23,13 +23,23 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.errors import AdapterMismatch, ConfigError
 
@@ -408,6 +418,42 @@ class FfaLoRA(FedIT):
         super().__init__(spec, **kwargs)
 
 
+class RandomWalk(FedIT):
+    """`random-walk`: seed 004's alternative to averaging. The adapter visits one node per
+    round and the update that node trains is the next global adapter (FedAvg of a single
+    reply: itself). The walk is a seeded shuffle of the connected nodes, every node once
+    before any twice, so over `n` rounds it costs what one FedAvg round of `n` nodes does.
+    A node that leaves is skipped; one that never answers leaves the adapter unchanged
+    (`min-updates`)."""
+
+    def __init__(self, spec: UpdateSpec, *, seed: int = 0, **kwargs) -> None:
+        super().__init__(spec, **kwargs)
+        self._rng = random.Random(seed)
+        self._walk: list[int] = []
+        self.visits: dict[int, int] = {}  # server round -> node id
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # wait (like FedAvg) until `min-nodes` are connected before the walk starts
+        _, connected = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
+        node = self.visits[server_round] = self.next_node(connected)
+        log.info("configure_train: the random walk visits node %d", node)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        messages = list(self._construct_messages(record, [node], MessageType.TRAIN))
+        self.begin_round(server_round, arrays, sampled=len(messages))
+        return messages
+
+    def next_node(self, connected: Iterable[int]) -> int:
+        """The walk's next node among those connected now (a new pass when one ends)."""
+        present = set(connected)
+        self._walk = [n for n in self._walk if n in present]
+        if not self._walk:
+            self._walk = self._rng.sample(sorted(present), len(present))
+        return self._walk.pop(0)
+
+
 class _Clipping(ValidatedAggregation):
     def __init__(self, spec: UpdateSpec, *, clip_norm: float, **kwargs) -> None:
         super().__init__(spec, **kwargs)
@@ -442,6 +488,8 @@ def build_strategy(cfg: FlConfig, spec: UpdateSpec) -> ValidatedAggregation:
         return FedIT(spec, **common)
     if cfg.strategy == "ffa":
         return FfaLoRA(spec, **common)
+    if cfg.strategy == "random-walk":
+        return RandomWalk(spec, seed=cfg.seed, **{**common, "min_train_nodes": 1})
     if cfg.robust_aggregator == "median":
         return RobustMedian(spec, clip_norm=cfg.clip_norm, **common)
     return RobustTrimmedAvg(spec, clip_norm=cfg.clip_norm, beta=cfg.trim_beta, **common)

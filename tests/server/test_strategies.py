@@ -23,6 +23,7 @@ from server.fl.run_config import FlConfig
 from server.fl.strategies import (
     FedIT,
     FfaLoRA,
+    RandomWalk,
     RobustMedian,
     RobustTrimmedAvg,
     UpdateSpec,
@@ -237,6 +238,36 @@ def test_build_strategy_follows_the_config():
     trimmed = build_strategy(FlConfig(strategy="robust", trim_beta=0.1, min_nodes=3), spec)
     assert type(trimmed) is RobustTrimmedAvg and trimmed.beta == 0.1
     assert trimmed.min_train_nodes == 3
+    walk = build_strategy(FlConfig(strategy="random-walk", min_nodes=3, seed=5), spec)
+    assert type(walk) is RandomWalk and walk.min_train_nodes == 1
+    assert walk.min_available_nodes == 3  # the walk starts once every node is there
+
+
+def test_the_random_walk_visits_every_node_once_per_pass_and_hands_its_update_on():
+    """(`configure_train` builds the one message to `next_node`'s pick; Flower's Message
+    needs a running app, so that glue runs in the simulation, docs/label-free.md.)"""
+    spec = spec_of(b_only(np.zeros((OUT, R))))
+    walk = build_strategy(FlConfig(strategy="random-walk", min_nodes=3, seed=1), spec)
+    nodes, visits = [11, 12, 13], []
+    for rnd in range(1, 10):
+        visits.append(walk.next_node(nodes))
+        walk.begin_round(rnd, ArrayRecord({B_KEY: Array(np.zeros((OUT, R), np.float32))}))
+        update = b_only(np.full((OUT, R), float(rnd)))
+        arrays, _ = walk.aggregate_train(rnd, [reply(visits[-1], update)])
+        assert np.array_equal(arrays[B_KEY].numpy(), update[B_KEY])  # no averaging
+    passes = [visits[i : i + 3] for i in (0, 3, 6)]
+    assert all(sorted(p) == nodes for p in passes)  # each node once per pass
+    assert len({tuple(p) for p in passes}) > 1  # and each pass in its own order
+    again = build_strategy(FlConfig(strategy="random-walk", min_nodes=3, seed=1), spec)
+    assert [again.next_node(nodes) for _ in range(9)] == visits  # seeded: the same walk
+    left = again.next_node(nodes)
+    remaining = [n for n in nodes if n != left]
+    assert all(again.next_node(remaining) in remaining for _ in range(4))  # one that left: skipped
+
+
+def test_random_walk_refuses_dp_and_secure_aggregation():
+    with pytest.raises(ConfigError, match="random-walk"):
+        FlConfig(strategy="random-walk", dp="server-fixed")
 
 
 def test_fl_config_rejects_bad_values_naming_the_key():
