@@ -59,6 +59,7 @@ class NodeFlSettings:
     label_free: bool = False
     label_free_nodes: tuple[str, ...] = ()
     anchor: str = "base"  # label-free: keep crops near the base model's (or "round"'s) embedding
+    anchor_weight: float = 1.0  # label-free: weight of that anchor against the SupCon term
     camera_weight: float = 0.0  # label-free: weight of the per-camera mean alignment
     link_cos: float = 0.7  # label-free: mutual top-1 threshold across cameras (> 1: none)
     partition: tuple[int, int] | None = None  # (partition-id, num-partitions) in simulation
@@ -78,6 +79,8 @@ class NodeFlSettings:
             )
         if self.anchor not in ("base", "round"):
             raise ConfigError(f"`label-free-anchor` must be base or round, got {self.anchor!r}")
+        if not self.anchor_weight >= 0:  # also refuses NaN
+            raise ConfigError(f"`label-free-anchor-weight` must be >= 0, got {self.anchor_weight}")
         if self.threads < 0:
             raise ConfigError(f"`threads` must be >= 0, got {self.threads}")
 
@@ -105,6 +108,7 @@ class NodeFlSettings:
             camera_norm=_flag(get("camera-norm", False)),
             label_free=_flag(get("label-free", False)),
             anchor=str(get("label-free-anchor", "base")),
+            anchor_weight=float(get("label-free-anchor-weight", 1.0)),
             camera_weight=float(get("label-free-camera", 0.0)),
             link_cos=float(get("label-free-link-cos", 0.7)),
             label_free_nodes=tuple(
@@ -520,7 +524,7 @@ def _train_label_free(
     if settings.anchor == "base":  # fixed across rounds: the text-aligned start
         with model.disable_adapter():
             anchors = embed_records(model, crops, bank=bank).gallery
-    weights = SelfTrainWeights(camera=settings.camera_weight)
+    weights = SelfTrainWeights(anchor=settings.anchor_weight, camera=settings.camera_weight)
     result = self_train(
         model, crops, pseudo.tolist(), torch.from_numpy(anchors), cfg, weights, bank=bank
     )

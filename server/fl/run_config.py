@@ -53,7 +53,8 @@ class FlConfig:
     label-free / label-free-nodes: node-side, read by simulated nodes only (a deployed node
         sets `label-free` in its own --node-config): train without captions, on
         pseudo-identities mined from the crops (docs/label-free.md); every node, or those
-        named (comma list); `label-free-anchor` (base | round) and `label-free-camera`
+        named (comma list); `label-free-anchor` (base | round), its weight
+        `label-free-anchor-weight`, and `label-free-camera`
         (weight of the per-camera mean alignment) tune their loss (common/self_train.py),
         `label-free-link-cos` the cross-camera mutual top-1 threshold (edge_node/fl/mining.py).
 
@@ -114,6 +115,7 @@ class FlConfig:
     label_free: bool = False
     label_free_nodes: str = ""
     label_free_anchor: str = "base"
+    label_free_anchor_weight: float = 1.0
     label_free_camera: float = 0.0
     label_free_link_cos: float = 0.7
     secure_aggregation: bool = False

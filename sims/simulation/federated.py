@@ -139,6 +139,7 @@ def run_federated(
         "label-free",
         "label-free-nodes",
         "label-free-anchor",
+        "label-free-anchor-weight",
         "label-free-camera",
         "label-free-link-cos",
     )

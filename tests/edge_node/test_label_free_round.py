@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from flwr.app import RecordDict
 
+from common.errors import ConfigError
 from common.self_train import supcon_loss
 from edge_node.fl.client_app import build_client_app
 from edge_node.fl.task import NodeFlSettings
@@ -48,3 +50,15 @@ def test_label_free_nodes_are_named_in_the_run_config():
         {"partition-id": 0, "num-partitions": 2}, {"data-path": "d", "label-free-nodes": "a, b"}
     )
     assert settings.label_free_nodes == ("a", "b") and settings.label_free is False
+
+
+def test_label_free_loss_settings_are_read_and_bad_ones_refused_by_name():
+    settings = NodeFlSettings.from_configs(
+        {"label-free": "true", "label-free-anchor-weight": 2.5, "camera-norm": "true"},
+        {"data-path": "d"},
+    )
+    assert settings.label_free and settings.camera_norm and settings.anchor_weight == 2.5
+    for bad in ({"label-free-anchor-weight": -1.0}, {"label-free-anchor-weight": "nan"},
+                {"label-free-anchor": "last"}):  # fmt: skip
+        with pytest.raises(ConfigError, match="label-free-anchor"):
+            NodeFlSettings.from_configs(bad, {"data-path": "d"})

@@ -22,8 +22,14 @@ from tests.integration.flower_deployment import flower_deployment
 
 
 @pytest.mark.slow
+@pytest.mark.redundant
 @pytest.mark.timeout(600)
 def test_two_supernodes_on_loopback_finish_a_run(tmp_path, tiny_dataset):
+    """Excluded by default (`-m redundant` runs it; 56 s of the suite's budget): the same
+    engine path (SuperLink, two SuperNodes, `flwr run`, round adapters, hand-over into each
+    node's adapter dir) runs in tests/integration/test_label_free_deployment.py, from real
+    daemons' galleries and with the daemons hot-swapping the result; `data-path` loading
+    is the simulation's, covered in-process (test_flower_simulation.py)."""
     data, out = tiny_dataset, tmp_path / "out"
     with flower_deployment(tmp_path) as flower:
         for i in range(2):
