@@ -135,10 +135,8 @@ class CameraNorm:
         levels = {}
         for cam, v in data.get("levels", {}).items():
             values = [float(x) for x in v]
-            ok = len(values) == 2 and cam in gains
-            if not ok or not (values[0] >= 0 and values[1] <= 255):
-                ok = False
-            if not ok or values[1] - values[0] < MIN_LEVELS_SPAN:
+            if not (len(values) == 2 and cam in gains and values[0] >= 0 and values[1] <= 255
+                    and values[1] - values[0] >= MIN_LEVELS_SPAN):  # fmt: skip
                 raise ValueError(f"camera {cam!r}: levels must be 0 <= black < white <= 255, "
                                  f"at least {MIN_LEVELS_SPAN:g} apart, for a camera with "
                                  f"gains, got {list(v)}")  # fmt: skip

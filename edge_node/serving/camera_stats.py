@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from common.camera_norm import CameraNorm, CameraStats, image_stats
+from edge_node.config import CameraNormSettings
 
 from .indexer import write_atomically
 
@@ -81,10 +82,11 @@ class GalleryCameraStats:
     def __len__(self) -> int:
         return len(self._counted)
 
-    def norm(self, min_images: int, *, levels: bool = True) -> CameraNorm:
-        """The transform the statistics give now (cameras with `min_images` crops or more)."""
+    def norm(self, settings: CameraNormSettings) -> CameraNorm:
+        """The transform the statistics give now, as `[camera-norm]` asks (cameras with
+        `min-images` crops or more; levels or gains only)."""
         with self._lock:
-            return self._stats.norm(min_images, levels=levels)
+            return self._stats.norm(settings.min_images, levels=settings.levels)
 
     def counts(self) -> dict[str, int]:
         with self._lock:

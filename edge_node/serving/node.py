@@ -106,11 +106,7 @@ class Node:
             version = index_version(backend.version, norm)
             index = store.load(config.index, version, backend.embed_dim, gallery.ids())
         if index is None:
-            norm = (
-                stats.norm(config.camera_norm.min_images, levels=config.camera_norm.levels)
-                if stats
-                else CameraNorm()
-            )
+            norm = stats.norm(config.camera_norm) if stats else CameraNorm()
             version = index_version(backend.version, norm)
             index = VectorIndex(backend.embed_dim, config.index, version)
         missing = len(gallery) - len(index)
@@ -339,8 +335,7 @@ class Node:
         the statistics are still being recomputed (they lack crops `gen` holds)."""
         if self._camera_stats is None or self._embedder.stats_behind(gen):
             return None
-        cfg = self.config.camera_norm
-        return self._camera_stats.norm(cfg.min_images, levels=cfg.levels)
+        return self._camera_stats.norm(self.config.camera_norm)
 
     # ------------------------------------------------------------------ the swap itself
     def _rebuild(self, new: Generation) -> bool:

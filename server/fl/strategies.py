@@ -392,11 +392,10 @@ def _align_metric_keys(messages: list[Message], stats: RoundStats | None = None)
     for msg, record in zip(messages, records, strict=True):
         if record is not None and set(record.keys()) != common:
             if stats is not None:
-                node = msg.metadata.src_node_id
-                extra = {k: record[k] for k in record if k not in common or k == "num-examples"}
-                stats.partial_train_metrics[stats.node_names.get(node, str(node))] = _plain(
-                    MetricRecord(extra)
-                )
+                node = stats.node_names.get(msg.metadata.src_node_id, str(msg.metadata.src_node_id))
+                stats.partial_train_metrics[node] = {
+                    k: v for k, v in _plain(record).items() if k not in common or k == NUM_EXAMPLES
+                }
             (key,) = msg.content.metric_records.keys()
             msg.content[key] = MetricRecord({k: record[k] for k in record if k in common})
 

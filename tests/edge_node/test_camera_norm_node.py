@@ -124,7 +124,8 @@ def test_statistics_count_each_crop_once_and_reload_their_ids(tmp_path: Path):
     assert json.loads((tmp_path / STATS_FILE).read_text())["counted"] == [[1, 3], [7, 7]]
     again = GalleryCameraStats.load(tmp_path, gallery_size=4)
     assert len(again) == 4 and again.counts() == {"c1": 4}
-    assert again.norm(4) == stats.norm(4) and again.norm(5).version == "none"
+    four, five = CameraNormSettings(min_images=4), CameraNormSettings(min_images=5)
+    assert again.norm(four) == stats.norm(four) and again.norm(five).version == "none"
 
 
 # ---------------------------------------------------------------------- (a) enabled

@@ -9,14 +9,13 @@ apart, which is what the node's tracklet mining links (edge_node/fl/mining.py).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from common.adapters import read_manifest
 from protos import node_pb2
-from sims.node_process import start_node_processes, write_node_config
+from sims.node_process import start_node_processes, wait_until, write_node_config
 from tests.edge_node.node_fixtures import person_crop
 from tests.integration.flower_deployment import flower_deployment
 
@@ -40,13 +39,6 @@ def _uncaptioned_visits(site: int) -> list[node_pb2.ImageItem]:
     return items
 
 
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.3)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_label_free_federation_from_two_daemons_galleries_is_hot_swapped(tmp_path: Path):
@@ -65,10 +57,11 @@ def test_label_free_federation_from_two_daemons_galleries_is_hot_swapped(tmp_pat
                 node_pb2.IngestRequest(images=items), metadata=daemon.metadata, timeout=60
             )
             assert all(r.accepted for r in reply.results), [r.reason for r in reply.results]
-            _wait(
+            wait_until(
+                f"{daemon.node_id} to index its crops",
                 lambda d=daemon, n=n: d.status().indexed_size == n,
                 60,
-                f"{daemon.node_id} never indexed its crops:\n{daemon.log_tail()}",
+                [daemon],
             )
             before.append(daemon.status().model_version)
 
@@ -99,10 +92,11 @@ def test_label_free_federation_from_two_daemons_galleries_is_hot_swapped(tmp_pat
         for i, daemon in enumerate(daemons):
             handed = read_manifest(daemon.adapter_dir / "federated")
             assert handed.adapter_fingerprint == final.adapter_fingerprint
-            _wait(
+            wait_until(
+                f"{daemon.node_id} to hot-swap the federated adapter",
                 lambda d=daemon, v=handed.model_version: d.status().model_version == v,
                 60,
-                f"{daemon.node_id} did not hot-swap the federated adapter:\n{daemon.log_tail()}",
+                [daemon],
             )
             status = daemon.status()
             assert status.model_version != before[i]
