@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 WHERE = "round config"
 # Keys Flower's own strategy wrappers add to the round's ConfigRecord (not ours to parse).
 FLOWER_KEYS = ("clipping_norm",)
+LR_DECAYS = ("none", "cosine")
 DP_MODES = ("off", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive")
 
 ConfigValue = bool | int | float | str
@@ -45,6 +46,10 @@ class RoundPlan:
     mods) and with any DP it reports a uniform weight (`num-examples` = 1), because the
     noise is calibrated to a plain mean. update-clip-norm > 0: the node scales its change
     down to this L2 norm before sending (under SecAgg+ the server cannot reject it later).
+    lr-decay: "none" keeps `lr` every round; "cosine" scales round r's `lr` by
+    0.5 * (1 + cos(pi * (r - 1) / num-server-rounds)), so the last rounds take small steps
+    (label-free rounds peak early and then drift: docs/label-free.md). Each round's local
+    training decays its own lr to 0 as well; this sets the round's peak.
     """
 
     server_round: int
@@ -65,6 +70,7 @@ class RoundPlan:
     local_eval: bool
     dp: str = "off"
     update_clip_norm: float = 0.0
+    lr_decay: str = "none"
 
     def __post_init__(self) -> None:
         if self.server_round < 0:
@@ -86,6 +92,8 @@ class RoundPlan:
             )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"`lr` must be a positive number, got {self.lr}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ConfigError(f"`lr-decay` must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         if self.dp not in DP_MODES:
             raise ConfigError(f"`dp` must be one of {DP_MODES}, got {self.dp!r}")
         if not (math.isfinite(self.update_clip_norm) and self.update_clip_norm >= 0):
@@ -126,6 +134,14 @@ class RoundPlan:
     def uniform_weights(self) -> bool:
         """Under DP every node weighs the same: the noise is calibrated to a plain mean."""
         return self.dp != "off"
+
+    @property
+    def round_lr(self) -> float:
+        """This round's peak learning rate under `lr-decay`."""
+        if self.lr_decay == "none":
+            return self.lr
+        progress = (max(1, self.server_round) - 1) / self.num_server_rounds
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     @property
     def final(self) -> bool:

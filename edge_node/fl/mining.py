@@ -22,11 +22,15 @@ import numpy as np
 class MiningSettings:
     """`max_gap_ms`: a crop continues a tracklet whose last crop is at most this much older
     (one detector track); `min_cos`: and at least this similar to that tracklet's mean.
-    `link_cos`: two memories of different cameras join only as mutual top-1 above this."""
+    `link_cos`: two memories of different cameras join only as mutual top-1 above this.
+    `triangles`: and, when > 0, only if they close at least this many triangles (a memory
+    of a third camera that is mutual top-1 with both: 004's triangle relation, which needs
+    three or more cameras, e.g. memories pooled across nodes)."""
 
     max_gap_ms: int = 2_000
     min_cos: float = 0.0
     link_cos: float = 0.7
+    triangles: int = 0
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -84,15 +88,15 @@ def pseudo_identities(
     labels: np.ndarray, cameras: Sequence[str], emb: np.ndarray, cfg: MiningSettings
 ) -> np.ndarray:
     """Pseudo-identity per crop: tracklets of different cameras that are mutual top-1 (for
-    each pair of cameras, each is the other's most similar memory, cosine >= `link_cos`)
-    are joined, transitively (union-find)."""
+    each pair of cameras, each is the other's most similar memory, cosine >= `link_cos`,
+    closing >= `triangles` triangles) are joined, transitively (union-find)."""
     mem = memories(labels, emb)
     camera_of = {}
     for t, cam in zip(labels.tolist(), cameras, strict=True):
         camera_of.setdefault(t, cam)
     cams = sorted(set(camera_of.values()))
     members = {c: np.array([t for t in range(len(mem)) if camera_of.get(t) == c]) for c in cams}
-    parent = list(range(len(mem)))
+    links: list[tuple[int, int]] = []
     for a_i, a in enumerate(cams):
         for b in cams[a_i + 1 :]:
             ta, tb = members[a], members[b]
@@ -100,9 +104,20 @@ def pseudo_identities(
                 continue
             sim = mem[ta] @ mem[tb].T
             best_b, best_a = sim.argmax(axis=1), sim.argmax(axis=0)
-            for i, j in enumerate(best_b):
-                if best_a[j] == i and sim[i, j] >= cfg.link_cos:
-                    parent[_find(parent, int(ta[i]))] = _find(parent, int(tb[j]))
+            links += [
+                (int(ta[i]), int(tb[j]))
+                for i, j in enumerate(best_b)
+                if best_a[j] == i and sim[i, j] >= cfg.link_cos
+            ]
+    if cfg.triangles > 0:
+        neighbours: dict[int, set[int]] = {}
+        for x, y in links:
+            neighbours.setdefault(x, set()).add(y)
+            neighbours.setdefault(y, set()).add(x)
+        links = [(x, y) for x, y in links if len(neighbours[x] & neighbours[y]) >= cfg.triangles]
+    parent = list(range(len(mem)))
+    for x, y in links:
+        parent[_find(parent, x)] = _find(parent, y)
     roots = np.array([_find(parent, t) for t in range(len(mem))])
     _, dense = np.unique(roots, return_inverse=True)
     return dense[labels]

@@ -12,6 +12,7 @@ Only adapter tensors leave this module: the keys the server sent, nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import pickle
@@ -51,6 +52,8 @@ class NodeFlSettings:
     # a node daemon's data dir: train on the crops its gallery holds (a deployment's data
     # store, read while the daemon ingests); replaces data-path
     gallery: Path | None = None
+    # simulation from galleries: the dataset whose hidden person ids measure pseudo-labels
+    truth_path: Path | None = None
     # train on crops normalised per camera (gains + levels from the node's own crops), as the
     # node daemon embeds them with `[camera-norm] enabled`: no train/serve skew
     camera_norm: bool = False
@@ -101,7 +104,13 @@ class NodeFlSettings:
         adapter_dir = node_config.get("adapter-dir")
         sim_out = run_config.get("out-dir") if partition is not None else None
         gallery = node_config.get("gallery")
+        node_name = str(node_config.get("node-id", ""))
+        truth_path = None
         data_path = str(get("data-path", "")).strip()
+        if partition is not None and run_config.get("gallery-root"):
+            node_name = _sim_gallery_node(Path(str(run_config["gallery-root"])), *partition)
+            gallery = Path(str(run_config["gallery-root"])) / node_name / "data"
+            truth_path = Path(data_path).expanduser() if data_path else None
         return cls(
             data_path=Path(data_path).expanduser() if data_path else Path(""),
             gallery=Path(str(gallery)).expanduser() if gallery else None,
@@ -116,7 +125,8 @@ class NodeFlSettings:
                 for n in str(run_config.get("label-free-nodes", "")).split(",")
                 if n.strip()
             ),
-            node_name=str(node_config.get("node-id", "")),
+            node_name=node_name,
+            truth_path=truth_path,
             partition=partition,
             adapter_dir=Path(str(adapter_dir)).expanduser() if adapter_dir else None,
             sim_out_dir=Path(str(sim_out)).expanduser() if sim_out else None,
@@ -126,6 +136,17 @@ class NodeFlSettings:
             device=str(get("device", "cpu")),
             text_cache=Path(str(get("text-cache"))).expanduser() if get("text-cache") else None,
         )
+
+
+def _sim_gallery_node(root: Path, partition_id: int, num_partitions: int) -> str:
+    """Node id of a simulated partition in gallery mode: the i-th node dir, sorted."""
+    names = sorted(p.name for p in root.iterdir() if (p / "data").is_dir()) if root.is_dir() else []
+    if len(names) != num_partitions:
+        raise DatasetError(
+            f"simulation with {num_partitions} nodes, but gallery-root {root} holds "
+            f"{len(names)} node data dirs"
+        )
+    return names[partition_id]
 
 
 def _flag(value: Any) -> bool:
@@ -156,19 +177,23 @@ def select_partition(records: list[Record], partition_id: int, num_partitions: i
     return names[partition_id]
 
 
-def gallery_records(data_dir: Path, node_name: str = "") -> list[Record]:
+def gallery_records(
+    data_dir: Path, node_name: str = "", person_ids: Mapping[str, int] | None = None
+) -> list[Record]:
     """The crops of a node daemon's gallery as training records: captions where Ingest or
     the drop folder gave them; no identities (a site has none), so every crop is its own
     person (id -catalog id), which the id-aware loss then treats as a plain image-caption
-    pair."""
+    pair. `person_ids` (simulation: ingest file name -> the generator's hidden person id)
+    only lets the pseudo-label figures be measured; label-free training never reads ids."""
     from edge_node.serving.gallery import read_catalog
 
+    person_ids = person_ids or {}
     root = Path(data_dir) / "gallery"
     return [
         Record(
             root / row.path,
             row.captions,
-            -row.id,
+            person_ids.get(row.file_name, -row.id),
             camera_id=row.camera_id,
             split="train",
             node=node_name or None,
@@ -183,9 +208,22 @@ def is_label_free(settings: NodeFlSettings, name: str) -> bool:
     return settings.label_free or name in settings.label_free_nodes
 
 
+def _hidden_ids(settings: NodeFlSettings) -> dict[str, int]:
+    """Simulation from galleries: dataset-relative file name -> hidden person id."""
+    if settings.truth_path is None:
+        return {}
+    path = settings.truth_path.resolve()
+    root = path if path.is_dir() else path.parent
+    out = {}
+    for r in load_records(path):
+        with contextlib.suppress(ValueError):
+            out[str(r.image_path.resolve().relative_to(root))] = r.person_id
+    return out
+
+
 def load_node_data(settings: NodeFlSettings) -> NodeData:
     if settings.gallery is not None:
-        crops = gallery_records(settings.gallery, settings.node_name)
+        crops = gallery_records(settings.gallery, settings.node_name, _hidden_ids(settings))
         name = settings.node_name or settings.gallery.name
         label_free = is_label_free(settings, name)
         train = crops if label_free else [r for r in crops if r.captions]
@@ -382,7 +420,7 @@ class NodeTrainer:
             }
         cfg = TrainConfig(
             epochs=plan.local_epochs,
-            lr=plan.lr,
+            lr=plan.round_lr,
             batch_size=plan.batch_size,
             max_steps=plan.max_steps or None,
             proximal_mu=plan.proximal_mu,

@@ -42,8 +42,13 @@ class FlConfig:
     data-path: dataset used by simulated nodes (each takes its own `node` partition) and,
         unless `eval-data` says otherwise, for the server's held-out evaluation.
     eval-split: split of the held-out set ("" disables server-side evaluation).
+    gallery-root: simulation only: the i-th simulated node trains on the gallery of the node
+        daemon whose data dir is `<gallery-root>/<i-th node id, sorted>/data` instead of its
+        `data-path` partition (sims/simulation/train_galleries.py); `data-path` then only
+        supplies the hidden person ids the pseudo-label figures are measured against.
     lora-rank / lora-alpha: 0 means the model config's own values.
     max-steps: cap on local optimiser steps per round (0: no cap), for quick runs.
+    lr-decay: none | cosine: the round's peak lr across rounds (common/round_plan.py).
     text-cache: a saved `TextFeatureCache` of the base model (captions already encoded by
         the frozen text tower); the server and simulated nodes start from it. Speed only.
     camera-norm: nodes train on their crops normalised per camera (common/camera_norm.py,
@@ -95,6 +100,7 @@ class FlConfig:
     round_timeout: float = 3600.0
     local_epochs: int = 1
     lr: float = 0.002
+    lr_decay: str = "none"
     batch_size: int = 32
     max_steps: int = 0
     proximal_mu: float = 0.0
@@ -105,6 +111,7 @@ class FlConfig:
     lora_seed: int = 0
     seed: int = 0
     data_path: str = ""
+    gallery_root: str = ""
     eval_data: str = ""
     eval_split: str = "test"
     out_dir: str = "runs/fl"
@@ -301,6 +308,7 @@ class FlConfig:
             lora_a_digest=lora_a_digest,
             local_epochs=self.local_epochs,
             lr=self.lr,
+            lr_decay=self.lr_decay,
             batch_size=self.batch_size,
             max_steps=self.max_steps,
             proximal_mu=self.proximal_mu,

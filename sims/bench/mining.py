@@ -6,7 +6,8 @@ mined as the node would (`edge_node.fl.mining`): tracklets by time + appearance,
 pseudo-identities by mutual top-1 across cameras. Quality is pairwise precision/recall
 against the truth the synthetic benchmark keeps in its annotations (`tracklet`, `id`),
 beside the trivial alternatives: linking by time alone, and every tracklet its own person.
-`pooled` mines all nodes' crops together: what exchanging memories across nodes could add.
+`pooled` mines all nodes' crops together: what exchanging memories across nodes could add,
+plain and with 004's triangle relation (`--triangles`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-gap-ms", type=int, default=2_000)
     p.add_argument("--min-cos", type=float, default=0.0)
     p.add_argument("--link-cos", type=float, default=0.7)
+    p.add_argument("--triangles", type=int, default=2, help="pooled: 004's triangle relation")
     p.set_defaults(func=main)
 
 
@@ -50,7 +52,7 @@ def hidden_truth(data: str | Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def mine(records, emb: np.ndarray, truth: dict, cfg) -> dict:
+def mine(records, emb: np.ndarray, truth: dict, cfg, triangles: int = 0) -> dict:
     from edge_node.fl.mining import MiningSettings, label_quality, link_tracklets, pseudo_identities
 
     cams = [r.camera_id for r in records]
@@ -60,12 +62,19 @@ def mine(records, emb: np.ndarray, truth: dict, cfg) -> dict:
     tracklets = link_tracklets(cams, stamps, emb, cfg)
     time_only = link_tracklets(cams, stamps, emb, MiningSettings(cfg.max_gap_ms, -1.0, 1.01))
     ids = pseudo_identities(tracklets, cams, emb, cfg)
+    out = {}
+    if triangles:  # pooled memories (share-memories): 004's triangle relation on the links
+        triangle = dataclasses.replace(cfg, triangles=triangles)
+        out["pseudo_ids_triangles"] = label_quality(
+            pseudo_identities(tracklets, cams, emb, triangle), true_p
+        )
     return {
         "crops": len(records),
         "tracklets": label_quality(tracklets, true_t),
         "tracklets_time_only": label_quality(time_only, true_t),
         "pseudo_ids": label_quality(ids, true_p),
         "pseudo_ids_tracklets_alone": label_quality(tracklets, true_p),
+        **out,
     }
 
 
@@ -100,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
         everything += recs
         emb_all.append(emb)
         print(node, json.dumps(result["nodes"][node]), flush=True)
-    result["pooled"] = mine(everything, np.concatenate(emb_all), truth, cfg)
+    result["pooled"] = mine(everything, np.concatenate(emb_all), truth, cfg, args.triangles)
     print("pooled", json.dumps(result["pooled"]))
     result["machine"] = {
         "loadavg_before": load_before,

@@ -130,6 +130,7 @@ def run_federated(
     FlConfig.from_run_config({}, overrides)  # fail here, not inside a thread, on a bad key
     node_keys = (
         "data-path",
+        "gallery-root",
         "out-dir",
         "client-threads",
         "train-split",

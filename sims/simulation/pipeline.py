@@ -8,6 +8,7 @@ data -> base model -> federated runs (Flower simulation engine) -> baselines
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -56,6 +57,9 @@ class FederatedSection:
     local_epochs: int = 1
     lr: float = 4e-3  # docs/benchmark.md: best of 2e-3, 4e-3, 6e-3 on generator v4
     batch_size: int = 32
+    # train from the nodes' own daemons: their train crops ingested over Ingest (without
+    # captions at label-free nodes), read by the Flower clients (sims/simulation/train_galleries)
+    from_galleries: bool = False
     options: dict = field(default_factory=dict)  # further Flower run-config keys
 
     def __post_init__(self) -> None:
@@ -245,30 +249,47 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
 
     fed = cfg.federated
     federated: dict[str, Any] = {}
-    for strategy in fed.strategies:
-        t0 = time.perf_counter()
-        options = {
-            "local-epochs": fed.local_epochs,
-            "lr": fed.lr,
-            "batch-size": fed.batch_size,
-            "eval-data": str(data_dir),
-            "eval-split": "test",
-            "seed": cfg.seed,
-            "text-cache": text_cache_file,
-            "camera-norm": cfg.camera_norm,
-            # TOML keys arrive snake_cased; Flower's run config is kebab-case
-            **{k.replace("_", "-"): v for k, v in fed.options.items()},
-        }
-        federated[strategy] = run_federated(
-            data_dir,
-            len(nodes),
-            fed.rounds,
-            strategy,
-            base_spec,
-            out / f"fl-{strategy}",
-            options=options,
-        )
-        stage(f"federated_{strategy}", t0)
+    # with from-galleries, the nodes' daemons run until every strategy has trained from them
+    with contextlib.ExitStack() as galleries:
+        gallery_root = ""
+        if fed.from_galleries:
+            from sims.simulation.train_galleries import label_free_nodes, train_galleries
+
+            t0 = time.perf_counter()
+            options = {k.replace("_", "-"): v for k, v in fed.options.items()}
+            uncaptioned = label_free_nodes(options, sorted(nodes))
+            root = galleries.enter_context(
+                train_galleries(nodes, data_dir, base_spec, out, uncaptioned=uncaptioned,
+                                camera_norm=cfg.camera_norm)
+            )  # fmt: skip
+            gallery_root = str(root)
+            stage("train_galleries", t0)
+        for strategy in fed.strategies:
+            t0 = time.perf_counter()
+            options = {
+                "local-epochs": fed.local_epochs,
+                "lr": fed.lr,
+                "batch-size": fed.batch_size,
+                "eval-data": str(data_dir),
+                "eval-split": "test",
+                "seed": cfg.seed,
+                "text-cache": text_cache_file,
+                "camera-norm": cfg.camera_norm,
+                # TOML keys arrive snake_cased; Flower's run config is kebab-case
+                **{k.replace("_", "-"): v for k, v in fed.options.items()},
+            }
+            if gallery_root:
+                options["gallery-root"] = gallery_root
+            federated[strategy] = run_federated(
+                data_dir,
+                len(nodes),
+                fed.rounds,
+                strategy,
+                base_spec,
+                out / f"fl-{strategy}",
+                options=options,
+            )
+            stage(f"federated_{strategy}", t0)
 
     epochs = fed.rounds * fed.local_epochs
     train_kwargs = {

@@ -184,7 +184,7 @@ def run_serving(
             ingest(node, test_by_node[node.node_id], data_root)
         wait_until(
             "the galleries to be indexed",
-            lambda: all(_indexed(n, len(test_by_node[n.node_id])) for n in nodes),
+            lambda: all(indexed(n, len(test_by_node[n.node_id])) for n in nodes),
             settings.start_timeout_s,
             nodes,
         )
@@ -286,7 +286,8 @@ def _student_verdicts(client, student_ids: set[str], into: dict[str, dict]) -> b
     return set(into) == student_ids
 
 
-def _indexed(node: NodeProcess, expected: int) -> bool:
+def indexed(node: NodeProcess, expected: int) -> bool:
+    """Whether the daemon holds `expected` crops and is not re-embedding them."""
     s = node.status(timeout=2.0)
     return s.gallery_size == expected and not s.reindex.running
 

@@ -30,6 +30,20 @@ def test_to_config_and_from_config_round_trip():
     assert plan.final is False and _plan(server_round=3).final is True
 
 
+def test_lr_decay_sets_each_round_peak_lr():
+    """`none` keeps lr every round; `cosine` starts at lr and ends near 0, never rising."""
+    rounds = [_plan(server_round=r, num_server_rounds=8) for r in range(1, 9)]
+    assert [p.round_lr for p in rounds] == [0.01] * 8
+    cosine = [dataclasses.replace(p, lr_decay="cosine").round_lr for p in rounds]
+    assert cosine[0] == pytest.approx(0.01) and cosine[2] == pytest.approx(0.005 * (1 + 2**-0.5))
+    assert all(a > b for a, b in zip(cosine, cosine[1:], strict=False)) and 0 < cosine[-1] < 0.001
+    # the run config key travels to the node under the same name
+    cfg = FlConfig(model="tiny", lr_decay="cosine")
+    assert RoundPlan.from_config(cfg.round_plan().to_config()).lr_decay == "cosine"
+    with pytest.raises(ConfigError, match="lr-decay"):
+        FlConfig(model="tiny", lr_decay="step")
+
+
 def test_server_and_node_agree():
     cfg = FlConfig(model="tiny", strategy="ffa", max_steps=2, batch_size=8, proximal_mu=0.1)
     server = cfg.round_plan()
@@ -65,6 +79,7 @@ def test_server_and_node_agree():
         ("num-server-rounds", 0, "`num-server-rounds`"),
         ("model", " ", "`model`"),
         ("freeze-a", "yes", "round config.freeze-a"),
+        ("lr-decay", "linear", "`lr-decay`"),
     ],
 )
 def test_a_bad_value_is_refused_by_name(key, value, message):

@@ -59,6 +59,33 @@ def test_mutual_top1_joins_each_persons_visits_across_cameras():
     assert label_quality(alone, person)["labels"] == 6
 
 
+def test_the_triangle_relation_drops_a_link_no_third_camera_confirms():
+    """People 0 and 1 pass cameras A, B and C; two look-alike strangers are seen once each,
+    one on A and one on B, and are each other's mutual top-1 there. No memory on C closes
+    a triangle over that link, so 004's triangle relation keeps them apart."""
+    rng = np.random.default_rng(2)
+    people, stranger = rng.normal(size=(2, 16)), rng.normal(size=16)
+    cams, emb, person = [], [], []
+    for cam in "ABC":
+        for p in range(2):
+            cams.append(cam)
+            emb.append(people[p] + 0.1 * rng.normal(size=16))
+            person.append(p)
+    for cam, who in (("A", 2), ("B", 3)):
+        cams.append(cam)
+        emb.append(stranger + 0.3 * rng.normal(size=16))
+        person.append(who)
+    tracklets = np.arange(len(cams))  # one crop per visit
+    emb = np.array(emb)
+    plain = pseudo_identities(tracklets, cams, emb, MiningSettings(link_cos=0.5))
+    assert plain[-1] == plain[-2]  # the strangers were joined
+    assert label_quality(plain, person)["precision"] < 1.0
+    triangle = pseudo_identities(tracklets, cams, emb, MiningSettings(link_cos=0.5, triangles=1))
+    assert label_quality(triangle, person) == {
+        "precision": 1.0, "recall": 1.0, "labels": 4, "true_labels": 4, "purity": 1.0,
+    }  # fmt: skip
+
+
 def test_memories_are_unit_means():
     emb = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     mem = memories(np.array([0, 0, 1]), emb)

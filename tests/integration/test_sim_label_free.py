@@ -1,4 +1,8 @@
-"""The miniature simulation with label-free nodes (issue 14): the report says so."""
+"""The miniature simulation with label-free nodes (issue 14): the report says so.
+
+The mixed fleet trains from the nodes' own daemons (`[federated] from-galleries`): each
+node's train crops go into a real `fedretrieve node serve` over Ingest, without captions at
+the label-free node, and the Flower clients read those galleries."""
 
 from __future__ import annotations
 
@@ -11,17 +15,17 @@ from sims.simulation.pipeline import load_sim_config, run_sim
 
 
 @pytest.mark.parametrize(
-    ("options", "method"),
+    ("options", "method", "from_galleries"),
     [
-        ({"label_free": True}, "federated_label_free"),
+        ({"label_free": True}, "federated_label_free", False),
         # a mixed fleet: node1 trains on its captions, node2 without; the pseudo-label figures
         # come from node2's reply alone (the strategy's mean keeps only shared keys)
-        ({"label_free_nodes": "node2"}, "federated_mixed"),
+        ({"label_free_nodes": "node2"}, "federated_mixed", True),
     ],
     ids=["label-free", "mixed"],
 )
 def test_a_label_free_fleet_reports_its_pseudo_labels_every_round(
-    tmp_path: Path, options: dict, method: str
+    tmp_path: Path, options: dict, method: str, from_galleries: bool
 ) -> None:
     base = load_sim_config(Path("sims/configs/mini.toml"))
     fed = dataclasses.replace(
@@ -30,6 +34,7 @@ def test_a_label_free_fleet_reports_its_pseudo_labels_every_round(
         default="fedavg",
         rounds=2,
         options=options,
+        from_galleries=from_galleries,
     )
     cfg = dataclasses.replace(
         base,
@@ -48,3 +53,11 @@ def test_a_label_free_fleet_reports_its_pseudo_labels_every_round(
         assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
         assert r["pseudo_ids"] >= 1 and r["true_ids"] >= 1
         assert 0.0 < r["tracklet_purity"] <= 1.0
+    if from_galleries:  # what each daemon holds is what its node trained on
+        from edge_node.serving.gallery import read_catalog
+
+        roots = tmp_path / "run" / "train-galleries"
+        rows = {n: read_catalog(roots / n / "data" / "gallery") for n in ("node1", "node2")}
+        assert rows["node1"] and rows["node2"]
+        assert all(r.captions for r in rows["node1"]) and not any(r.captions for r in rows["node2"])
+        assert "train_galleries" in report["timing"]["stages_s"]
