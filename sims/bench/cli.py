@@ -15,6 +15,7 @@ BENCHES = {
     "node": "sims.bench.node",  # node search latency and ingest throughput
     "broker": "sims.bench.broker",  # broker fan-out latency vs a direct node call
     "fleet": "sims.bench.fleet",  # broker tail latency and coverage with 10-1000 sites
+    "fleet-model": "sims.bench.fleet_model",  # that report extrapolated to separate hosts
     "privacy": "sims.bench.privacy",  # SecAgg+ / DP: privacy-utility, costs, dropout, MIA
     "mining": "sims.bench.mining",  # label-free tracklets and pseudo-identities vs the truth
     "compress": "sims.bench.compress",  # distilled students, pruned towers: speed, RSS, R1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 from flwr.app import ConfigRecord
@@ -36,7 +37,7 @@ def test_lr_decay_sets_each_round_peak_lr():
     assert [p.round_lr for p in rounds] == [0.01] * 8
     cosine = [dataclasses.replace(p, lr_decay="cosine").round_lr for p in rounds]
     assert cosine[0] == pytest.approx(0.01) and cosine[2] == pytest.approx(0.005 * (1 + 2**-0.5))
-    assert all(a > b for a, b in zip(cosine, cosine[1:], strict=False)) and 0 < cosine[-1] < 0.001
+    assert all(a > b for a, b in itertools.pairwise(cosine)) and 0 < cosine[-1] < 0.001
     # the run config key travels to the node under the same name
     cfg = FlConfig(model="tiny", lr_decay="cosine")
     assert RoundPlan.from_config(cfg.round_plan().to_config()).lr_decay == "cosine"
