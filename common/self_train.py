@@ -2,13 +2,15 @@
 
 Without captions nothing ties the image space to the frozen text tower any more, so a loss
 that only pulls same-person crops together may drift away from what queries look like.
-Two terms:
+Two terms, and an optional third:
 - supervised contrastive (SupCon, Khosla et al. 2020) over the pseudo-identities mined on
   the node (`edge_node.fl.mining`): crops of one pseudo-identity together, others apart.
   This is what can teach camera invariance: a person's visits to two cameras pulled
   together.
 - anchor: 1 - cos(image embedding, the round's starting global model's embedding of the
   same crop), which keeps every crop near where the text-aligned model put it.
+- text (`SelfTrainWeights.text`): each crop's scores over an attribute vocabulary match its
+  pseudo-identity's (`common.pseudo_captions`), an anchor in the text tower's own terms.
 Batches are filled with whole pseudo-identities so every crop has its positives in them.
 """
 
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 from common.datasets import Record
 from common.errors import ConfigError
+from common.pseudo_captions import PseudoCaptions
 from common.train import ImageBank, TrainConfig, TrainResult, core_model, cosine_schedule
 
 
@@ -32,10 +35,11 @@ class SelfTrainWeights:
     temperature: float = 0.1
     anchor: float = 1.0
     camera: float = 0.0  # pull every camera's mean embedding to the batch's mean
+    text: float = 0.0  # match each crop's pseudo-caption (common.pseudo_captions)
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0 or self.anchor < 0:
-            raise ConfigError("self-training: temperature must be > 0 and anchor >= 0")
+        if not self.temperature > 0 or not self.anchor >= 0 or not self.text >= 0:
+            raise ConfigError("self-training: temperature must be > 0, anchor and text >= 0")
 
 
 def supcon_loss(img: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -83,9 +87,11 @@ def self_train(
     weights: SelfTrainWeights = SelfTrainWeights(),
     *,
     bank: ImageBank | None = None,
+    captions: PseudoCaptions | None = None,
 ) -> TrainResult:
     """Train whatever requires grad (the LoRA adapter) on uncaptioned `records`, in bank
-    order of their images, with `pseudo_ids` and `anchors` (unit rows) aligned to them."""
+    order of their images, with `pseudo_ids`, `anchors` (unit rows) and, for the text term,
+    `captions` aligned to them."""
     core = core_model(model)
     device = torch.device(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -98,6 +104,8 @@ def self_train(
     cameras = torch.tensor([codes[r.camera_id] for r in records]) if len(codes) > 1 else None
     if len(ids) != len(records) or len(anchors) != len(records):
         raise ConfigError("self-training: one pseudo-id and one anchor per record")
+    if weights.text and (captions is None or len(captions.targets) != len(records)):
+        raise ConfigError("self-training: the text term needs one pseudo-caption per record")
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(len(records) / cfg.batch_size) * cfg.epochs
@@ -115,6 +123,8 @@ def self_train(
             if weights.anchor:
                 anchor = anchors[batch].to(device)
                 loss = loss + weights.anchor * (1 - (img * anchor).sum(-1)).mean()
+            if weights.text and captions is not None:
+                loss = loss + weights.text * captions.loss(img, batch)
             if weights.camera and cameras is not None:
                 loss = loss + weights.camera * camera_alignment(img, cameras[batch].to(device))
             if not torch.isfinite(loss):

@@ -5,9 +5,9 @@ What a camera site has is crops with a camera id and a timestamp, no names. Seed
 that: link a camera's crops that are close in time and in appearance into tracklets (one
 visit of one person), keep one memory per tracklet (the mean embedding of its crops), and
 join memories of different cameras that are each other's nearest neighbour (mutual top-1)
-into pseudo-identities. These are the first stages of issue 14; training on them is not
-built yet. Pure numpy on embeddings the caller made with the current global model, so the
-stages can be measured against the generator's hidden ground truth (`label_quality`).
+into pseudo-identities; `common.self_train` trains on them (`edge_node.fl.task`). Pure
+numpy on embeddings the caller made with the current global model, so the stages can be
+measured against the generator's hidden ground truth (`label_quality`).
 """
 
 from __future__ import annotations
@@ -25,12 +25,17 @@ class MiningSettings:
     `link_cos`: two memories of different cameras join only as mutual top-1 above this.
     `triangles`: and, when > 0, only if they close at least this many triangles (a memory
     of a third camera that is mutual top-1 with both: 004's triangle relation, which needs
-    three or more cameras, e.g. memories pooled across nodes)."""
+    three or more cameras, e.g. memories pooled across nodes).
+    `link_window_ms`: when > 0, two memories are candidates for each other only if their
+    visits are at most this far apart in time (a person walks from one camera of a site to
+    the next within minutes: the space-time prior of spatio-temporal re-identification, and
+    of 004's space-time sampling); 0 compares every pair."""
 
     max_gap_ms: int = 2_000
     min_cos: float = 0.0
     link_cos: float = 0.7
     triangles: int = 0
+    link_window_ms: int = 0
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -84,13 +89,30 @@ def _find(parent: list[int], i: int) -> int:
     return i
 
 
+def _time_gaps(labels: np.ndarray, timestamps: Sequence[int], n: int) -> np.ndarray:
+    """(n, n) ms between two tracklets' visits: 0 when they overlap."""
+    first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    last = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)
+    stamps = np.asarray(timestamps, dtype=np.int64)
+    np.minimum.at(first, labels, stamps)
+    np.maximum.at(last, labels, stamps)
+    return np.maximum(0, np.maximum(first[None, :] - last[:, None], first[:, None] - last[None, :]))
+
+
 def pseudo_identities(
-    labels: np.ndarray, cameras: Sequence[str], emb: np.ndarray, cfg: MiningSettings
+    labels: np.ndarray,
+    cameras: Sequence[str],
+    emb: np.ndarray,
+    cfg: MiningSettings,
+    timestamps: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Pseudo-identity per crop: tracklets of different cameras that are mutual top-1 (for
     each pair of cameras, each is the other's most similar memory, cosine >= `link_cos`,
-    closing >= `triangles` triangles) are joined, transitively (union-find)."""
+    closing >= `triangles` triangles, visits within `link_window_ms` when that is set and
+    `timestamps` are given) are joined, transitively (union-find)."""
     mem = memories(labels, emb)
+    windowed = cfg.link_window_ms > 0 and timestamps is not None
+    gaps = _time_gaps(labels, timestamps, len(mem)) if windowed else None
     camera_of = {}
     for t, cam in zip(labels.tolist(), cameras, strict=True):
         camera_of.setdefault(t, cam)
@@ -103,6 +125,8 @@ def pseudo_identities(
             if not len(ta) or not len(tb):
                 continue
             sim = mem[ta] @ mem[tb].T
+            if gaps is not None:  # out of the window: never a candidate
+                sim = np.where(gaps[np.ix_(ta, tb)] <= cfg.link_window_ms, sim, -np.inf)
             best_b, best_a = sim.argmax(axis=1), sim.argmax(axis=0)
             links += [
                 (int(ta[i]), int(tb[j]))

@@ -64,7 +64,9 @@ class NodeFlSettings:
     anchor: str = "base"  # label-free: keep crops near the base model's (or "round"'s) embedding
     anchor_weight: float = 1.0  # label-free: weight of that anchor against the SupCon term
     camera_weight: float = 0.0  # label-free: weight of the per-camera mean alignment
+    text_weight: float = 0.0  # label-free: weight of the pseudo-caption term
     link_cos: float = 0.7  # label-free: mutual top-1 threshold across cameras (> 1: none)
+    link_window_s: float = 0.0  # label-free: link only visits this close in time (0: any)
     partition: tuple[int, int] | None = None  # (partition-id, num-partitions) in simulation
     adapter_dir: Path | None = None  # the node daemon's watched adapter dir
     sim_out_dir: Path | None = None  # simulation: adapter dirs under OUT/nodes/<node>/
@@ -84,6 +86,10 @@ class NodeFlSettings:
             raise ConfigError(f"`label-free-anchor` must be base or round, got {self.anchor!r}")
         if not self.anchor_weight >= 0:  # also refuses NaN
             raise ConfigError(f"`label-free-anchor-weight` must be >= 0, got {self.anchor_weight}")
+        if not self.link_window_s >= 0:
+            raise ConfigError(f"`label-free-link-window-s` must be >= 0, got {self.link_window_s}")
+        if not self.text_weight >= 0:
+            raise ConfigError(f"`label-free-text` must be >= 0, got {self.text_weight}")
         if self.threads < 0:
             raise ConfigError(f"`threads` must be >= 0, got {self.threads}")
 
@@ -119,7 +125,9 @@ class NodeFlSettings:
             anchor=str(get("label-free-anchor", "base")),
             anchor_weight=float(get("label-free-anchor-weight", 1.0)),
             camera_weight=float(get("label-free-camera", 0.0)),
+            text_weight=float(get("label-free-text", 0.0)),
             link_cos=float(get("label-free-link-cos", 0.7)),
+            link_window_s=float(get("label-free-link-window-s", 0.0)),
             label_free_nodes=tuple(
                 n.strip()
                 for n in str(run_config.get("label-free-nodes", "")).split(",")
@@ -547,7 +555,9 @@ def _train_label_free(
     import numpy as np
 
     from common.evaluate import embed_records
+    from common.pseudo_captions import pseudo_captions, vocabulary
     from common.self_train import SelfTrainWeights, self_train
+    from common.train import core_model
     from edge_node.fl.mining import MiningSettings, label_quality, link_tracklets, pseudo_identities
 
     t0 = time.perf_counter()
@@ -555,16 +565,33 @@ def _train_label_free(
     crops = [by_path[p] for p in sorted(by_path)]  # embed_records' gallery order
     emb = embed_records(model, crops, bank=bank).gallery
     cams, stamps = [r.camera_id for r in crops], [r.timestamp_ms for r in crops]
-    mining = MiningSettings(link_cos=settings.link_cos)
+    mining = MiningSettings(
+        link_cos=settings.link_cos, link_window_ms=int(settings.link_window_s * 1000)
+    )
     tracklets = link_tracklets(cams, stamps, emb, mining)
-    pseudo = pseudo_identities(tracklets, cams, emb, mining)
+    pseudo = pseudo_identities(tracklets, cams, emb, mining, stamps)
     anchors = emb
     if settings.anchor == "base":  # fixed across rounds: the text-aligned start
         with model.disable_adapter():
             anchors = embed_records(model, crops, bank=bank).gallery
-    weights = SelfTrainWeights(anchor=settings.anchor_weight, camera=settings.camera_weight)
+    weights = SelfTrainWeights(
+        anchor=settings.anchor_weight, camera=settings.camera_weight, text=settings.text_weight
+    )
+    captions = None
+    if settings.text_weight:  # the memories' descriptions, in the round's text space
+        slots = vocabulary()
+        prompts = core_model(model).encode_text([p for s in slots.values() for p in s])
+        scale = float(core_model(model).logit_scale.exp())
+        captions = pseudo_captions(emb, pseudo, prompts, [len(s) for s in slots.values()], scale)
     result = self_train(
-        model, crops, pseudo.tolist(), torch.from_numpy(anchors), cfg, weights, bank=bank
+        model,
+        crops,
+        pseudo.tolist(),
+        torch.from_numpy(anchors),
+        cfg,
+        weights,
+        bank=bank,
+        captions=captions,
     )
     metrics: dict[str, float] = {
         "pl-ids": float(len(np.unique(pseudo))),
@@ -572,6 +599,8 @@ def _train_label_free(
         # embedding with the round's (and the base) model + tracklets + pseudo-identities
         "pl-seconds": time.perf_counter() - t0 - result.seconds,
     }
+    if captions is not None:
+        metrics["pc-confidence"] = captions.confidence()
     truth = [r.person_id for r in crops]
     if min(truth) >= 0:  # a simulated node knows the truth; a real site does not
         quality = label_quality(pseudo, truth)

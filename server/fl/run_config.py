@@ -59,9 +59,11 @@ class FlConfig:
         sets `label-free` in its own --node-config): train without captions, on
         pseudo-identities mined from the crops (docs/label-free.md); every node, or those
         named (comma list); `label-free-anchor` (base | round), its weight
-        `label-free-anchor-weight`, and `label-free-camera`
-        (weight of the per-camera mean alignment) tune their loss (common/self_train.py),
-        `label-free-link-cos` the cross-camera mutual top-1 threshold (edge_node/fl/mining.py).
+        `label-free-anchor-weight`, `label-free-camera` (weight of the per-camera mean
+        alignment) and `label-free-text` (weight of the pseudo-captions,
+        common/pseudo_captions.py) tune their loss (common/self_train.py),
+        `label-free-link-cos` the cross-camera mutual top-1 threshold and
+        `label-free-link-window-s` its space-time window (edge_node/fl/mining.py).
 
     Privacy (docs/privacy.md):
     secure-aggregation: Flower's SecAgg+ (the server learns only the weighted average of
@@ -124,7 +126,9 @@ class FlConfig:
     label_free_anchor: str = "base"
     label_free_anchor_weight: float = 1.0
     label_free_camera: float = 0.0
+    label_free_text: float = 0.0
     label_free_link_cos: float = 0.7
+    label_free_link_window_s: float = 0.0
     secure_aggregation: bool = False
     num_shares: int = 0
     reconstruction_threshold: int = 0

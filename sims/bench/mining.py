@@ -34,6 +34,17 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-cos", type=float, default=0.0)
     p.add_argument("--link-cos", type=float, default=0.7)
     p.add_argument("--triangles", type=int, default=2, help="pooled: 004's triangle relation")
+    p.add_argument(
+        "--link-window-s",
+        type=float,
+        default=0.0,
+        help="also mine with this space-time window across cameras (0: not)",
+    )
+    p.add_argument(
+        "--camera-norm",
+        action="store_true",
+        help="normalise each node's crops per camera (from its own crops), as nodes train",
+    )
     p.set_defaults(func=main)
 
 
@@ -52,7 +63,9 @@ def hidden_truth(data: str | Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def mine(records, emb: np.ndarray, truth: dict, cfg, triangles: int = 0) -> dict:
+def mine(
+    records, emb: np.ndarray, truth: dict, cfg, triangles: int = 0, window_ms: int = 0
+) -> dict:
     from edge_node.fl.mining import MiningSettings, label_quality, link_tracklets, pseudo_identities
 
     cams = [r.camera_id for r in records]
@@ -68,6 +81,12 @@ def mine(records, emb: np.ndarray, truth: dict, cfg, triangles: int = 0) -> dict
         out["pseudo_ids_triangles"] = label_quality(
             pseudo_identities(tracklets, cams, emb, triangle), true_p
         )
+    if window_ms:  # the space-time prior; and the same window with no appearance threshold
+        for key, link_cos in (("pseudo_ids_windowed", cfg.link_cos), ("windowed_any_cos", -1.0)):
+            windowed = dataclasses.replace(cfg, link_window_ms=window_ms, link_cos=link_cos)
+            out[key] = label_quality(
+                pseudo_identities(tracklets, cams, emb, windowed, stamps), true_p
+            )
     return {
         "crops": len(records),
         "tracklets": label_quality(tracklets, true_t),
@@ -79,13 +98,16 @@ def mine(records, emb: np.ndarray, truth: dict, cfg, triangles: int = 0) -> dict
 
 
 def main(args: argparse.Namespace) -> int:
+    from common.camera_norm import gallery_camera_norm
     from common.datasets import load_records
     from common.evaluate import embed_records
     from common.factory import create_model
+    from common.train import ImageBank, core_model
     from edge_node.fl.mining import MiningSettings
 
     started, load_before = time.time(), os.getloadavg()
     cfg = MiningSettings(args.max_gap_ms, args.min_cos, args.link_cos)
+    window_ms = int(args.link_window_s * 1000)
     truth = hidden_truth(args.data)
     model = create_model(args.model, adapter=args.adapter).eval()
     records = load_records(args.data, split=args.split)
@@ -95,7 +117,8 @@ def main(args: argparse.Namespace) -> int:
     result = {
         "command": "fedretrieve " + " ".join(sys.argv[1:]),
         "model": model.version,
-        "settings": dataclasses.asdict(cfg),
+        "settings": {**dataclasses.asdict(cfg), "link_window_ms": window_ms},
+        "camera_norm": args.camera_norm,
         "nodes": {},
     }
     everything, emb_all = [], []
@@ -104,12 +127,17 @@ def main(args: argparse.Namespace) -> int:
         recs = sorted(
             (dataclasses.replace(r, captions=()) for r in recs), key=lambda r: str(r.image_path)
         )
-        emb = embed_records(model, recs).gallery
-        result["nodes"][node] = mine(recs, emb, truth, cfg)
+        bank = None
+        if args.camera_norm:  # from this node's own crops, as a node trains (task.py)
+            bank = ImageBank(recs, core_model(model).preprocess, gallery_camera_norm(recs))
+        emb = embed_records(model, recs, bank=bank).gallery
+        result["nodes"][node] = mine(recs, emb, truth, cfg, window_ms=window_ms)
         everything += recs
         emb_all.append(emb)
         print(node, json.dumps(result["nodes"][node]), flush=True)
-    result["pooled"] = mine(everything, np.concatenate(emb_all), truth, cfg, args.triangles)
+    result["pooled"] = mine(
+        everything, np.concatenate(emb_all), truth, cfg, args.triangles, window_ms
+    )
     print("pooled", json.dumps(result["pooled"]))
     result["machine"] = {
         "loadavg_before": load_before,

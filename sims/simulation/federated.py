@@ -142,7 +142,9 @@ def run_federated(
         "label-free-anchor",
         "label-free-anchor-weight",
         "label-free-camera",
+        "label-free-text",
         "label-free-link-cos",
+        "label-free-link-window-s",
     )
     client_overrides = {k: overrides[k] for k in node_keys if k in overrides}
     os.environ.setdefault("FLWR_HOME", str(out / ".flwr"))

@@ -86,6 +86,27 @@ def test_the_triangle_relation_drops_a_link_no_third_camera_confirms():
     }  # fmt: skip
 
 
+def test_the_space_time_window_keeps_links_to_visits_a_walk_apart():
+    """Each of two people passes A and then B a minute later; the two pass 1,000 s apart.
+    B's light makes each look like the other did on A, so appearance alone links the wrong
+    visits. With a 120 s window each A visit has one candidate on B: the right one."""
+    e1, e2 = np.eye(2)
+    cams = ["A", "B", "A", "B"]
+    stamps = [0, 60_000, 1_000_000, 1_060_000]
+    emb = np.array([e1, 0.9 * e2 + 0.1 * e1, e2, 0.9 * e1 + 0.1 * e2])
+    person = [0, 0, 1, 1]
+    tracklets = np.arange(4)
+    plain = pseudo_identities(tracklets, cams, emb, MiningSettings(link_cos=-1.0))
+    assert label_quality(plain, person)["precision"] == 0.0
+    window = MiningSettings(link_cos=-1.0, link_window_ms=120_000)
+    ids = pseudo_identities(tracklets, cams, emb, window, stamps)
+    assert label_quality(ids, person)["precision"] == 1.0
+    assert label_quality(ids, person)["recall"] == 1.0
+    # a window shorter than the walk links nothing
+    far = MiningSettings(link_cos=-1.0, link_window_ms=10_000)
+    assert len(set(pseudo_identities(tracklets, cams, emb, far, stamps))) == 4
+
+
 def test_memories_are_unit_means():
     emb = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     mem = memories(np.array([0, 0, 1]), emb)
