@@ -165,6 +165,15 @@ def markdown(report: dict) -> str:
             else "- Camera normalisation off: every method but zero-shot + camera "
             "normalisation sees the raw crops."
         ),
+        *(
+            [
+                "- Label-free nodes (docs/label-free.md): the federated run trains without "
+                "captions at those nodes; local-only and centralised still train with the train "
+                "captions, a supervised reference rather than a label-free baseline."
+            ]
+            if "federated_label_free" in m or "federated_mixed" in m
+            else []
+        ),
         "- Metrics: text-to-image Rank-k, mAP, mINP in percent over every test caption "
         "against the union gallery of all nodes' test images.",
         "",

@@ -45,6 +45,8 @@ def test_a_label_free_fleet_reports_its_pseudo_labels_every_round(
     )
     report = run_sim(cfg, tmp_path / "run", tmp_path / "cache", progress=False)
     assert report["methods"][method] == report["methods"]["federated"]
+    # the supervised baselines are named as such beside a label-free run
+    assert "a supervised reference" in (tmp_path / "run" / "report.md").read_text()
     other = {"federated_label_free", "federated_mixed"} - {method}
     assert not other & set(report["methods"])
     rounds = report["pseudo_labels"]
