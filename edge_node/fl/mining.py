@@ -108,11 +108,14 @@ def pseudo_identities(
 ) -> np.ndarray:
     """Pseudo-identity per crop: tracklets of different cameras that are mutual top-1 (for
     each pair of cameras, each is the other's most similar memory, cosine >= `link_cos`,
-    closing >= `triangles` triangles, visits within `link_window_ms` when that is set and
-    `timestamps` are given) are joined, transitively (union-find)."""
+    closing >= `triangles` triangles, visits within `link_window_ms` of each other by
+    `timestamps` when that is set) are joined, transitively (union-find)."""
     mem = memories(labels, emb)
-    windowed = cfg.link_window_ms > 0 and timestamps is not None
-    gaps = _time_gaps(labels, timestamps, len(mem)) if windowed else None
+    gaps = None
+    if cfg.link_window_ms > 0:
+        if timestamps is None:
+            raise ValueError("link_window_ms is set: pass the crops' timestamps")
+        gaps = _time_gaps(labels, timestamps, len(mem))
     camera_of = {}
     for t, cam in zip(labels.tolist(), cameras, strict=True):
         camera_of.setdefault(t, cam)

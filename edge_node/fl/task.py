@@ -579,9 +579,9 @@ def _train_label_free(
     )
     captions = None
     if settings.text_weight:  # the memories' descriptions, in the round's text space
-        slots = vocabulary()
-        prompts = core_model(model).encode_text([p for s in slots.values() for p in s])
-        scale = float(core_model(model).logit_scale.exp())
+        slots, core = vocabulary(), core_model(model)
+        prompts = core.encode_text([p for s in slots.values() for p in s])
+        scale = float(core.logit_scale.exp())
         captions = pseudo_captions(emb, pseudo, prompts, [len(s) for s in slots.values()], scale)
     result = self_train(
         model,

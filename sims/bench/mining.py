@@ -63,9 +63,7 @@ def hidden_truth(data: str | Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def mine(
-    records, emb: np.ndarray, truth: dict, cfg, triangles: int = 0, window_ms: int = 0
-) -> dict:
+def mine(records, emb: np.ndarray, truth: dict, cfg, triangles: int = 0) -> dict:
     from edge_node.fl.mining import MiningSettings, label_quality, link_tracklets, pseudo_identities
 
     cams = [r.camera_id for r in records]
@@ -74,16 +72,17 @@ def mine(
     true_p = [truth[str(Path(r.image_path).resolve())][1] for r in records]
     tracklets = link_tracklets(cams, stamps, emb, cfg)
     time_only = link_tracklets(cams, stamps, emb, MiningSettings(cfg.max_gap_ms, -1.0, 1.01))
-    ids = pseudo_identities(tracklets, cams, emb, cfg)
+    plain = dataclasses.replace(cfg, link_window_ms=0)  # the rows before the window
+    ids = pseudo_identities(tracklets, cams, emb, plain)
     out = {}
     if triangles:  # pooled memories (share-memories): 004's triangle relation on the links
-        triangle = dataclasses.replace(cfg, triangles=triangles)
+        triangle = dataclasses.replace(plain, triangles=triangles)
         out["pseudo_ids_triangles"] = label_quality(
             pseudo_identities(tracklets, cams, emb, triangle), true_p
         )
-    if window_ms:  # the space-time prior; and the same window with no appearance threshold
+    if cfg.link_window_ms:  # the space-time prior; and the same window at any similarity
         for key, link_cos in (("pseudo_ids_windowed", cfg.link_cos), ("windowed_any_cos", -1.0)):
-            windowed = dataclasses.replace(cfg, link_window_ms=window_ms, link_cos=link_cos)
+            windowed = dataclasses.replace(cfg, link_cos=link_cos)
             out[key] = label_quality(
                 pseudo_identities(tracklets, cams, emb, windowed, stamps), true_p
             )
@@ -106,8 +105,9 @@ def main(args: argparse.Namespace) -> int:
     from edge_node.fl.mining import MiningSettings
 
     started, load_before = time.time(), os.getloadavg()
-    cfg = MiningSettings(args.max_gap_ms, args.min_cos, args.link_cos)
-    window_ms = int(args.link_window_s * 1000)
+    cfg = MiningSettings(
+        args.max_gap_ms, args.min_cos, args.link_cos, link_window_ms=int(args.link_window_s * 1000)
+    )
     truth = hidden_truth(args.data)
     model = create_model(args.model, adapter=args.adapter).eval()
     records = load_records(args.data, split=args.split)
@@ -117,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
     result = {
         "command": "fedretrieve " + " ".join(sys.argv[1:]),
         "model": model.version,
-        "settings": {**dataclasses.asdict(cfg), "link_window_ms": window_ms},
+        "settings": dataclasses.asdict(cfg),
         "camera_norm": args.camera_norm,
         "nodes": {},
     }
@@ -131,13 +131,11 @@ def main(args: argparse.Namespace) -> int:
         if args.camera_norm:  # from this node's own crops, as a node trains (task.py)
             bank = ImageBank(recs, core_model(model).preprocess, gallery_camera_norm(recs))
         emb = embed_records(model, recs, bank=bank).gallery
-        result["nodes"][node] = mine(recs, emb, truth, cfg, window_ms=window_ms)
+        result["nodes"][node] = mine(recs, emb, truth, cfg)
         everything += recs
         emb_all.append(emb)
         print(node, json.dumps(result["nodes"][node]), flush=True)
-    result["pooled"] = mine(
-        everything, np.concatenate(emb_all), truth, cfg, args.triangles, window_ms
-    )
+    result["pooled"] = mine(everything, np.concatenate(emb_all), truth, cfg, args.triangles)
     print("pooled", json.dumps(result["pooled"]))
     result["machine"] = {
         "loadavg_before": load_before,

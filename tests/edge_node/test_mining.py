@@ -103,8 +103,10 @@ def test_the_space_time_window_keeps_links_to_visits_a_walk_apart():
     assert label_quality(ids, person)["precision"] == 1.0
     assert label_quality(ids, person)["recall"] == 1.0
     # a window shorter than the walk links nothing
-    far = MiningSettings(link_cos=-1.0, link_window_ms=10_000)
-    assert len(set(pseudo_identities(tracklets, cams, emb, far, stamps))) == 4
+    short = MiningSettings(link_cos=-1.0, link_window_ms=10_000)
+    assert len(set(pseudo_identities(tracklets, cams, emb, short, stamps))) == 4
+    with pytest.raises(ValueError, match="timestamps"):  # never silently windowless
+        pseudo_identities(tracklets, cams, emb, window)
 
 
 def test_memories_are_unit_means():
