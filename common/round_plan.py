@@ -50,6 +50,9 @@ class RoundPlan:
     0.5 * (1 + cos(pi * (r - 1) / num-server-rounds)), so the last rounds take small steps
     (label-free rounds peak early and then drift: docs/label-free.md). Each round's local
     training decays its own lr to 0 as well; this sets the round's peak.
+    share-memories: the server pools label-free nodes' tracklet memories and forwards the
+    others' to each node that shares its own (common/memories.py); a node shares only if
+    its own config says `share-memories` too.
     """
 
     server_round: int
@@ -71,6 +74,7 @@ class RoundPlan:
     dp: str = "off"
     update_clip_norm: float = 0.0
     lr_decay: str = "none"
+    share_memories: bool = False
 
     def __post_init__(self) -> None:
         if self.server_round < 0:

@@ -12,6 +12,8 @@ Two terms, and an optional third:
 - text (`SelfTrainWeights.text`): each crop's scores over an attribute vocabulary match its
   pseudo-identity's (`common.pseudo_captions`), an anchor in the text tower's own terms.
 Batches are filled with whole pseudo-identities so every crop has its positives in them.
+Memories other nodes shared (`share-memories`) that joined a local pseudo-identity enter
+the SupCon term as fixed keys of that identity: another site's view of the same person.
 """
 
 from __future__ import annotations
@@ -42,12 +44,23 @@ class SelfTrainWeights:
             raise ConfigError("self-training: temperature must be > 0, anchor and text >= 0")
 
 
-def supcon_loss(img: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over crops with at least one positive of -log softmax mass on their positives."""
-    logits = img @ img.t() / temperature
-    eye = torch.eye(len(ids), dtype=torch.bool, device=img.device)
+def supcon_loss(
+    img: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float,
+    keys: torch.Tensor | None = None,
+    key_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over crops with at least one positive of -log softmax mass on their positives;
+    `keys` (fixed unit rows with `key_ids`) are candidates beside the batch's own crops."""
+    cand, cand_ids = img, ids
+    if keys is not None and key_ids is not None and len(keys):
+        cand, cand_ids = torch.cat([img, keys]), torch.cat([ids, key_ids])
+    logits = img @ cand.t() / temperature
+    eye = torch.zeros(len(ids), len(cand_ids), dtype=torch.bool, device=img.device)
+    eye[:, : len(ids)] = torch.eye(len(ids), dtype=torch.bool, device=img.device)
     logits = logits.masked_fill(eye, float("-inf"))
-    pos = (ids[:, None] == ids[None, :]) & ~eye
+    pos = (ids[:, None] == cand_ids[None, :]) & ~eye
     has = pos.any(1)
     if not has.any():
         return img.sum() * 0.0
@@ -88,10 +101,12 @@ def self_train(
     *,
     bank: ImageBank | None = None,
     captions: PseudoCaptions | None = None,
+    keys: tuple[torch.Tensor, Sequence[int]] | None = None,
 ) -> TrainResult:
     """Train whatever requires grad (the LoRA adapter) on uncaptioned `records`, in bank
     order of their images, with `pseudo_ids`, `anchors` (unit rows) and, for the text term,
-    `captions` aligned to them."""
+    `captions` aligned to them. `keys`: (unit rows, the pseudo-id of each), e.g. shared
+    memories, fixed positives of their identity in every batch that holds it."""
     core = core_model(model)
     device = torch.device(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -106,6 +121,11 @@ def self_train(
         raise ConfigError("self-training: one pseudo-id and one anchor per record")
     if weights.text and (captions is None or len(captions.targets) != len(records)):
         raise ConfigError("self-training: the text term needs one pseudo-caption per record")
+    key_rows, key_ids = None, None
+    if keys is not None:
+        key_rows, key_ids = keys[0].float(), torch.as_tensor(list(keys[1]), dtype=torch.long)
+        if key_rows.ndim != 2 or len(key_rows) != len(key_ids):
+            raise ConfigError("self-training: one pseudo-id per key row")
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(len(records) / cfg.batch_size) * cfg.epochs
@@ -119,7 +139,12 @@ def self_train(
         for batch in _batches(ids, cfg.batch_size, gen):
             px = bank.batch(idx[batch], device)
             img = F.normalize(core.image_features(px), dim=-1)
-            loss = supcon_loss(img, ids[batch].to(device), weights.temperature)
+            batch_ids = ids[batch].to(device)
+            in_batch = None
+            if key_rows is not None and key_ids is not None:
+                mask = torch.isin(key_ids, ids[batch])
+                in_batch = (key_rows[mask].to(device), key_ids[mask].to(device))
+            loss = supcon_loss(img, batch_ids, weights.temperature, *(in_batch or ()))
             if weights.anchor:
                 anchor = anchors[batch].to(device)
                 loss = loss + weights.anchor * (1 - (img * anchor).sum(-1)).mean()

@@ -1,9 +1,12 @@
 """The Flower ClientApp of an edge node: Message in, `task` call, Message out.
 
 Three handlers:
-- `train`: load the global adapter, fine-tune it on the node's captioned crops, reply with
-  the adapter arrays the server sent (LoRA tensors only; B only under FFA-LoRA), plus
-  `num-examples`, the training loss and local Rank-1/mAP on the node's held-out split.
+- `train`: load the global adapter, fine-tune it on the node's captioned crops (or
+  label-free on its uncaptioned ones), reply with the adapter arrays the server sent (LoRA
+  tensors only; B only under FFA-LoRA), plus `num-examples`, the training loss and local
+  Rank-1/mAP on the node's held-out split. A label-free node with `share-memories` on
+  (its own config and the round plan) also replies with its tracklet memories and reads
+  the other nodes' from the message (common/memories.py).
 - `evaluate`: local retrieval metrics of the global adapter.
 - `evaluate.handover`: after the last round the ServerApp sends the final global adapter
   to every node; it is written atomically into the node's `adapter-dir`, where the node
@@ -14,7 +17,7 @@ server runs secure aggregation, Flower's DP clipping mods when the round plan as
 client-side DP (docs/privacy.md).
 
 The node's data comes from `context.node_config` (`flower-supernode --node-config`); no
-image, embedding or caption ever goes into a reply.
+image or caption ever goes into a reply, and no embedding unless the node shares memories.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from common.memories import REPLY_RECORD, SHARED_RECORD, from_record, to_record
 from common.round_plan import RoundPlan
 from edge_node.fl.privacy import privacy_mod
 from edge_node.fl.task import NodeFlSettings, TrainerRegistry
@@ -72,9 +76,15 @@ def build_client_app(
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         settings, plan, state = prepare(msg, context)
-        payload, metrics = trainer.train_round(settings, plan, state)
-        name = trainer.data(settings).name
-        return reply(msg, name, metrics, ArrayRecord(payload))
+        shared = None
+        if SHARED_RECORD in msg.content.array_records:
+            record = msg.content.array_records[SHARED_RECORD]
+            shared = from_record(record, where="the server's shared memories")
+        update = trainer.train_round(settings, plan, state, shared)
+        out = reply(msg, trainer.data(settings).name, update.metrics, ArrayRecord(update.payload))
+        if update.memories is not None:
+            out.content[REPLY_RECORD] = to_record(update.memories)
+        return out
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

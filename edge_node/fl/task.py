@@ -28,6 +28,7 @@ import torch
 
 from common.datasets import Record, load_records
 from common.errors import AdapterMismatch, ConfigError, DatasetError
+from common.memories import SharedMemories
 from common.round_plan import RoundPlan
 
 # A child of Flower's logger: these lines show wherever Flower's do (console, `flwr run
@@ -67,6 +68,10 @@ class NodeFlSettings:
     text_weight: float = 0.0  # label-free: weight of the pseudo-caption term
     link_cos: float = 0.7  # label-free: mutual top-1 threshold across cameras (> 1: none)
     link_window_s: float = 0.0  # label-free: link only visits this close in time (0: any)
+    # label-free: add this node's tracklet memories to its replies when the round plan asks
+    # (common/memories.py); the node's own consent, off by default
+    share_memories: bool = False
+    shared_cos: float = 0.7  # label-free: mutual top-1 threshold to shared memories
     partition: tuple[int, int] | None = None  # (partition-id, num-partitions) in simulation
     adapter_dir: Path | None = None  # the node daemon's watched adapter dir
     sim_out_dir: Path | None = None  # simulation: adapter dirs under OUT/nodes/<node>/
@@ -88,6 +93,8 @@ class NodeFlSettings:
             raise ConfigError(f"`label-free-anchor-weight` must be >= 0, got {self.anchor_weight}")
         if not self.link_window_s >= 0:
             raise ConfigError(f"`label-free-link-window-s` must be >= 0, got {self.link_window_s}")
+        if not -1 <= self.shared_cos <= 1:
+            raise ConfigError(f"`label-free-shared-cos` must be in [-1, 1], got {self.shared_cos}")
         if not self.text_weight >= 0:
             raise ConfigError(f"`label-free-text` must be >= 0, got {self.text_weight}")
         if self.threads < 0:
@@ -128,6 +135,8 @@ class NodeFlSettings:
             text_weight=float(get("label-free-text", 0.0)),
             link_cos=float(get("label-free-link-cos", 0.7)),
             link_window_s=float(get("label-free-link-window-s", 0.0)),
+            share_memories=_flag(get("share-memories", False)),
+            shared_cos=float(get("label-free-shared-cos", 0.7)),
             label_free_nodes=tuple(
                 n.strip()
                 for n in str(run_config.get("label-free-nodes", "")).split(",")
@@ -161,6 +170,16 @@ def _flag(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes")
     return bool(value)
+
+
+@dataclass(frozen=True)
+class RoundUpdate:
+    """What a node's train round sends back: the adapter payload (the keys the server
+    sent), its metrics (with `num-examples`) and, when it shares them, its memories."""
+
+    payload: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    memories: SharedMemories | None = None
 
 
 @dataclass
@@ -413,8 +432,9 @@ class NodeTrainer:
         settings: NodeFlSettings,
         plan: RoundPlan,
         global_state: Mapping[str, torch.Tensor],
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Train locally; return (the same keys the server sent, metrics with num-examples)."""
+        shared: SharedMemories | None = None,
+    ) -> RoundUpdate:
+        """Train locally (label-free with the other nodes' `shared` memories, if any)."""
         from common.evaluate import evaluate
         from common.lora import get_adapter_state
         from common.train import TrainConfig, train
@@ -438,8 +458,12 @@ class NodeTrainer:
         )
         bank, cache = self._bank(settings, data, model), self._cache(model, settings)
         mined: dict[str, float] = {}
+        own: SharedMemories | None = None
         if is_label_free(settings, data.name):
-            result, mined = _train_label_free(model, data.train, cfg, bank, settings)
+            share = plan.share_memories and settings.share_memories
+            result, mined, own = _train_label_free(
+                model, data.train, cfg, bank, settings, shared, share=share
+            )
         else:
             result = train(model, data.train, cfg, reference=reference, text_cache=cache, bank=bank)
         from edge_node.fl.privacy import guard_update
@@ -475,7 +499,7 @@ class NodeTrainer:
             else "",
             result.seconds,
         )
-        return payload, metrics
+        return RoundUpdate(payload, metrics, own)
 
     def evaluate_round(
         self,
@@ -545,11 +569,20 @@ def _peak_rss_mb() -> float:
 
 
 def _train_label_free(
-    model, records: list[Record], cfg, bank, settings: NodeFlSettings
-) -> tuple[Any, dict[str, float]]:
+    model,
+    records: list[Record],
+    cfg,
+    bank,
+    settings: NodeFlSettings,
+    shared: SharedMemories | None = None,
+    *,
+    share: bool = False,
+) -> tuple[Any, dict[str, float], SharedMemories | None]:
     """One label-free round: captions ignored; tracklets and pseudo-identities mined with
-    the round's global model (`edge_node.fl.mining`), then `common.self_train`. With real
-    person ids in the records (simulation), the pseudo-labels' quality is reported too."""
+    the round's global model (`edge_node.fl.mining`, with other nodes' `shared` memories
+    when the server forwarded some), then `common.self_train`. With real person ids in the
+    records (simulation), the pseudo-labels' quality is reported too. `share`: also return
+    this node's memories (mined before training, with the round's model)."""
     import dataclasses
 
     import numpy as np
@@ -558,7 +591,13 @@ def _train_label_free(
     from common.pseudo_captions import pseudo_captions, vocabulary
     from common.self_train import SelfTrainWeights, self_train
     from common.train import core_model
-    from edge_node.fl.mining import MiningSettings, label_quality, link_tracklets, pseudo_identities
+    from edge_node.fl.mining import (
+        MiningSettings,
+        export_memories,
+        label_quality,
+        link_tracklets,
+        mine_identities,
+    )
 
     t0 = time.perf_counter()
     by_path = {r.image_path: dataclasses.replace(r, captions=()) for r in records}
@@ -566,10 +605,17 @@ def _train_label_free(
     emb = embed_records(model, crops, bank=bank).gallery
     cams, stamps = [r.camera_id for r in crops], [r.timestamp_ms for r in crops]
     mining = MiningSettings(
-        link_cos=settings.link_cos, link_window_ms=int(settings.link_window_s * 1000)
+        link_cos=settings.link_cos,
+        link_window_ms=int(settings.link_window_s * 1000),
+        shared_cos=settings.shared_cos,
     )
     tracklets = link_tracklets(cams, stamps, emb, mining)
-    pseudo = pseudo_identities(tracklets, cams, emb, mining, stamps)
+    mined = mine_identities(tracklets, cams, emb, mining, stamps, shared)
+    pseudo = mined.local
+    keys = None
+    if shared is not None and (mined.shared >= 0).any():  # joined: fixed positives
+        joined = mined.shared >= 0
+        keys = (torch.from_numpy(shared.vectors[joined]), mined.shared[joined].tolist())
     anchors = emb
     if settings.anchor == "base":  # fixed across rounds: the text-aligned start
         with model.disable_adapter():
@@ -592,7 +638,9 @@ def _train_label_free(
         weights,
         bank=bank,
         captions=captions,
+        keys=keys,
     )
+    own = export_memories(tracklets, cams, stamps, emb) if share else None
     metrics: dict[str, float] = {
         "pl-ids": float(len(np.unique(pseudo))),
         "pl-tracklets": float(len(np.unique(tracklets))),
@@ -601,6 +649,11 @@ def _train_label_free(
     }
     if captions is not None:
         metrics["pc-confidence"] = captions.confidence()
+    if shared is not None:  # what the other nodes' memories added
+        metrics["mem-received"] = float(len(shared))
+        metrics["mem-joined"] = float((mined.shared >= 0).sum())
+    if own is not None:
+        metrics["mem-sent-bytes"] = float(own.nbytes)
     truth = [r.person_id for r in crops]
     if min(truth) >= 0:  # a simulated node knows the truth; a real site does not
         quality = label_quality(pseudo, truth)
@@ -613,4 +666,4 @@ def _train_label_free(
                 "pl-tracklet-purity": label_quality(tracklets, truth)["purity"],
             }
         )
-    return result, metrics
+    return result, metrics, own

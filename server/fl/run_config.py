@@ -64,6 +64,12 @@ class FlConfig:
         common/pseudo_captions.py) tune their loss (common/self_train.py),
         `label-free-link-cos` the cross-camera mutual top-1 threshold and
         `label-free-link-window-s` its space-time window (edge_node/fl/mining.py).
+    share-memories: label-free nodes that also set it (node config; simulated nodes read
+        it here) add their tracklet memories to their train replies, and the server
+        forwards the others' to each of them the next round (common/memories.py); off by
+        default, refused with `dp` and `secure-aggregation` (the memories would travel in
+        the clear beside a protected update). `label-free-shared-cos`: the node's threshold
+        for linking to them.
 
     Privacy (docs/privacy.md):
     secure-aggregation: Flower's SecAgg+ (the server learns only the weighted average of
@@ -129,6 +135,8 @@ class FlConfig:
     label_free_text: float = 0.0
     label_free_link_cos: float = 0.7
     label_free_link_window_s: float = 0.0
+    label_free_shared_cos: float = 0.7
+    share_memories: bool = False
     secure_aggregation: bool = False
     num_shares: int = 0
     reconstruction_threshold: int = 0
@@ -222,6 +230,12 @@ class FlConfig:
             raise ConfigError(
                 "`random-walk` hands one node's update on as the global adapter: DP noise "
                 "calibrated to a mean and SecAgg+ (which needs several nodes) do not apply"
+            )
+        if self.share_memories and (self.dp != "off" or self.secure_aggregation):
+            raise ConfigError(
+                "`share-memories` sends each node's tracklet memories to the server in the "
+                "clear: it cannot sit beside `dp` or `secure-aggregation`, which protect "
+                "that node's update (turn one of them off)"
             )
         if self.dp != "off" and self.strategy == "robust":
             raise ConfigError(
@@ -320,6 +334,7 @@ class FlConfig:
             local_eval=self.local_eval,
             dp=self.dp,
             update_clip_norm=self.client_side_clipping,
+            share_memories=self.share_memories,
         )
 
     @property

@@ -382,6 +382,16 @@ def _traffic(stats: RoundStats | None) -> dict[str, Any]:
         "train_metrics": stats.train_metrics,
         "partial_train_metrics": stats.partial_train_metrics,
         "evaluate_metrics": stats.evaluate_metrics,
+        **(
+            {  # share-memories: what each node sent and was sent beside its adapter
+                "memory_upload_bytes": {name(n): b for n, b in stats.memory_upload_bytes.items()},
+                "memory_download_bytes": {
+                    name(n): b for n, b in stats.memory_download_bytes.items()
+                },
+            }
+            if stats.memory_upload_bytes or stats.memory_download_bytes
+            else {}
+        ),
     }
 
 

@@ -14,6 +14,12 @@ ConfigRecord). The gate then checks that average instead (keys, shapes, dtypes, 
 its change within the norm bound, which the mean of clipped changes always is) and takes it
 as the aggregate; each node has bounded its own change by clipping before masking.
 
+Label-free nodes that share tracklet memories (`share-memories`, common/memories.py) add
+them to their replies as a second ArrayRecord; the gate takes it off before screening the
+adapter, keeps each node's latest, and the next round's train message to each node that
+shares carries the others' (a node that does not share receives none). Malformed memories
+are dropped with the node named; the node's adapter update still counts.
+
 FedIT (`fedavg`) averages A and B separately, which is inexact: mean(B)·mean(A) is not
 mean(B·A). FFA-LoRA (`ffa`) freezes A at the same seeded init on every node and sends only
 B, so the average of B times the shared A is exactly the average of the nodes' B·A.
@@ -42,6 +48,14 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.errors import AdapterMismatch, ConfigError
+from common.memories import (
+    REPLY_RECORD,
+    SHARED_RECORD,
+    SharedMemories,
+    from_record,
+    pool,
+    to_record,
+)
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -167,6 +181,8 @@ class RoundStats:
     # pseudo-label figures in a mixed fleet)
     partial_train_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
+    memory_upload_bytes: dict[int, int] = field(default_factory=dict)  # share-memories
+    memory_download_bytes: dict[int, int] = field(default_factory=dict)  # forwarded to it
 
 
 class ValidatedAggregation:
@@ -181,12 +197,15 @@ class ValidatedAggregation:
         *,
         max_update_norm: float = 0.0,
         min_updates: int = 1,
+        share_memories: bool = False,
         **strategy_kwargs,
     ) -> None:
         super().__init__(**strategy_kwargs)  # type: ignore[call-arg]
         self.spec = spec
         self.max_update_norm = max_update_norm
         self.min_updates = min_updates
+        self.share_memories = share_memories
+        self.memories: dict[int, SharedMemories] = {}  # node id -> its latest shared memories
         self.rounds: dict[int, RoundStats] = {}
         self._global: dict[str, np.ndarray] | None = None
 
@@ -203,7 +222,7 @@ class ValidatedAggregation:
     ) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self.begin_round(server_round, arrays, sampled=len(messages))
-        return messages
+        return self.forward_memories(server_round, messages)
 
     def begin_round(self, server_round: int, arrays: ArrayRecord, *, sampled: int = 0) -> None:
         """Remember the round's global adapter: updates are judged by their change from it."""
@@ -211,6 +230,24 @@ class ValidatedAggregation:
         self.rounds[server_round] = RoundStats(
             server_round, payload_bytes=self.spec.nbytes, sampled=sampled
         )
+
+    def forward_memories(self, server_round: int, messages: list[Message]) -> list[Message]:
+        """Give each sampled node that shares the other nodes' latest memories (its own
+        message content: Flower's strategies send one RecordDict to all)."""
+        if not self.share_memories or not self.memories:
+            return messages
+        sources = sorted(self.memories)  # the forwarded key says which source, not its id
+        stats = self.rounds[server_round]
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            others = [(i, self.memories[n]) for i, n in enumerate(sources) if n != node]
+            pooled = pool(others) if node in self.memories else None
+            if pooled is None:
+                continue
+            record = to_record(pooled)
+            msg.content = RecordDict({**dict(msg.content.items()), SHARED_RECORD: record})
+            stats.memory_download_bytes[node] = record.count_bytes()
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -279,6 +316,7 @@ class ValidatedAggregation:
             name = _node_name(msg.content)
             if name:
                 stats.node_names[node] = name
+            self._take_memories(msg.content, stats, node, name)
             try:
                 update = self._screen(msg.content, stats, node)
             except AdapterMismatch as err:
@@ -340,6 +378,28 @@ class ValidatedAggregation:
             stats.accepted.append(node)
         _align_metric_keys(secure, stats)
         return secure
+
+    def _take_memories(self, content: RecordDict, stats: RoundStats, node: int, name: str) -> None:
+        """Take a reply's shared memories off it (the adapter is screened without them)."""
+        if REPLY_RECORD not in content.array_records:
+            return
+        record = content.array_records[REPLY_RECORD]
+        del content[REPLY_RECORD]
+        who = f"node {node}" + (f" ({name})" if name else "")
+        if not self.share_memories:
+            log.warning("round %d: %s sent memories, but share-memories is off: dropped "
+                        "unread", stats.server_round, who)  # fmt: skip
+            return
+        dims = {len(m.vectors[0]) for m in self.memories.values() if len(m)}
+        try:
+            memories = from_record(
+                record, dim=next(iter(dims), None), camera_slots=True, where=f"memories of {who}"
+            )
+        except AdapterMismatch as err:
+            log.warning("round %d: dropped the memories of %s: %s", stats.server_round, who, err)
+            return
+        self.memories[node] = memories
+        stats.memory_upload_bytes[node] = record.count_bytes()
 
     def _screen(self, content: RecordDict, stats: RoundStats, node: int) -> dict[str, np.ndarray]:
         if len(content.array_records) != 1:
@@ -442,7 +502,7 @@ class RandomWalk(FedIT):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         messages = list(self._construct_messages(record, [node], MessageType.TRAIN))
         self.begin_round(server_round, arrays, sampled=len(messages))
-        return messages
+        return self.forward_memories(server_round, messages)
 
     def next_node(self, connected: Iterable[int]) -> int:
         """The walk's next node among those connected now (a new pass when one ends)."""
@@ -482,6 +542,7 @@ def build_strategy(cfg: FlConfig, spec: UpdateSpec) -> ValidatedAggregation:
         "min_available_nodes": cfg.min_nodes,
         "max_update_norm": cfg.max_update_norm,
         "min_updates": cfg.min_updates,
+        "share_memories": cfg.share_memories,
     }
     if cfg.strategy == "fedavg":
         return FedIT(spec, **common)

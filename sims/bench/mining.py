@@ -7,7 +7,10 @@ pseudo-identities by mutual top-1 across cameras. Quality is pairwise precision/
 against the truth the synthetic benchmark keeps in its annotations (`tracklet`, `id`),
 beside the trivial alternatives: linking by time alone, and every tracklet its own person.
 `pooled` mines all nodes' crops together: what exchanging memories across nodes could add,
-plain and with 004's triangle relation (`--triangles`).
+plain and with 004's triangle relation (`--triangles`). `shared` mines each node's crops as
+`share-memories` does: with every other node's tracklet memories taking part in the links
+(and the window, when one is set), and says how many of them joined a local pseudo-identity
+and how often that was the right person.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-gap-ms", type=int, default=2_000)
     p.add_argument("--min-cos", type=float, default=0.0)
     p.add_argument("--link-cos", type=float, default=0.7)
+    p.add_argument("--shared-cos", type=float, default=0.7, help="links to shared memories")
     p.add_argument("--triangles", type=int, default=2, help="pooled: 004's triangle relation")
     p.add_argument(
         "--link-window-s",
@@ -96,6 +100,48 @@ def mine(records, emb: np.ndarray, truth: dict, cfg, triangles: int = 0) -> dict
     }
 
 
+def shared_mining(nodes: dict[str, tuple[list, np.ndarray]], truth: dict, cfg) -> dict:
+    """Per node: its pseudo-identities with every other node's memories taking part
+    (`share-memories`), and the shared memories' joins scored against the truth."""
+    from common.memories import pool
+    from edge_node.fl.mining import export_memories, label_quality, link_tracklets, mine_identities
+
+    exported, persons = {}, {}
+    for node, (recs, emb) in nodes.items():
+        cams, stamps = [r.camera_id for r in recs], [r.timestamp_ms for r in recs]
+        labels = link_tracklets(cams, stamps, emb, cfg)
+        true_p = np.array([truth[str(Path(r.image_path).resolve())][1] for r in recs])
+        exported[node] = (labels, export_memories(labels, cams, stamps, emb))
+        # each memory's person: its tracklet's majority (the truth a real site lacks)
+        persons[node] = np.array(
+            [np.bincount(true_p[labels == t]).argmax() for t in range(labels.max() + 1)]
+        )
+    out = {}
+    for node, (recs, emb) in nodes.items():
+        others = [(i, n) for i, n in enumerate(nodes) if n != node]
+        shared = pool([(i, exported[n][1]) for i, n in others])
+        shared_person = np.concatenate([persons[n] for _, n in others])
+        labels = exported[node][0]
+        cams, stamps = [r.camera_id for r in recs], [r.timestamp_ms for r in recs]
+        true_p = np.array([truth[str(Path(r.image_path).resolve())][1] for r in recs])
+        mined = mine_identities(labels, cams, emb, cfg, stamps, shared)
+        joined = np.flatnonzero(mined.shared >= 0)
+        right = 0
+        for j in joined:  # the local pseudo-identity's majority person is the memory's
+            local = true_p[mined.local == mined.shared[j]]
+            right += int(np.bincount(local).argmax() == shared_person[j])
+        # how many shared memories could have joined: their person visits this node
+        present = np.isin(shared_person, np.unique(true_p))
+        out[node] = {
+            "pseudo_ids": label_quality(mined.local, true_p),
+            "shared_memories": len(shared),
+            "shared_of_people_here": int(present.sum()),
+            "shared_joined": len(joined),
+            "shared_joined_right": right,
+        }
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     from common.camera_norm import gallery_camera_norm
     from common.datasets import load_records
@@ -106,7 +152,11 @@ def main(args: argparse.Namespace) -> int:
 
     started, load_before = time.time(), os.getloadavg()
     cfg = MiningSettings(
-        args.max_gap_ms, args.min_cos, args.link_cos, link_window_ms=int(args.link_window_s * 1000)
+        args.max_gap_ms,
+        args.min_cos,
+        args.link_cos,
+        link_window_ms=int(args.link_window_s * 1000),
+        shared_cos=args.shared_cos,
     )
     truth = hidden_truth(args.data)
     model = create_model(args.model, adapter=args.adapter).eval()
@@ -121,7 +171,7 @@ def main(args: argparse.Namespace) -> int:
         "camera_norm": args.camera_norm,
         "nodes": {},
     }
-    everything, emb_all = [], []
+    everything, emb_all, mined_nodes = [], [], {}
     for node, recs in sorted(by_node.items()):
         # embed_records' gallery order; no captions: a site has none, and text is not needed
         recs = sorted(
@@ -134,7 +184,10 @@ def main(args: argparse.Namespace) -> int:
         result["nodes"][node] = mine(recs, emb, truth, cfg)
         everything += recs
         emb_all.append(emb)
+        mined_nodes[node] = (recs, emb)
         print(node, json.dumps(result["nodes"][node]), flush=True)
+    result["shared"] = shared_mining(mined_nodes, truth, cfg)
+    print("shared", json.dumps(result["shared"]))
     result["pooled"] = mine(everything, np.concatenate(emb_all), truth, cfg, args.triangles)
     print("pooled", json.dumps(result["pooled"]))
     result["machine"] = {

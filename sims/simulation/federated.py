@@ -145,6 +145,8 @@ def run_federated(
         "label-free-text",
         "label-free-link-cos",
         "label-free-link-window-s",
+        "label-free-shared-cos",
+        "share-memories",
     )
     client_overrides = {k: overrides[k] for k in node_keys if k in overrides}
     os.environ.setdefault("FLWR_HOME", str(out / ".flwr"))

@@ -438,6 +438,7 @@ def build_report(
             "image_bytes_sent": 0,
             "fraction_of_full_model": default.payload_fraction,
             "per_strategy": {n: int(r.payload_bytes) for n, r in federated.items()},
+            **memory_bytes(default.rounds),
         },
         "timing": {
             "total_s": round(total_s, 1),
@@ -486,6 +487,19 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+def memory_bytes(rounds: list[dict]) -> dict[str, int]:
+    """share-memories: the most bytes of memories one node sent, and was sent, in a round
+    (beside its adapter); nothing when no memories travelled."""
+    up = [b for r in rounds for b in (r.get("memory_upload_bytes") or {}).values()]
+    down = [b for r in rounds for b in (r.get("memory_download_bytes") or {}).values()]
+    if not up and not down:
+        return {}
+    return {
+        "memory_upload_bytes_per_node_per_round_max": int(max(up, default=0)),
+        "memory_download_bytes_per_node_per_round_max": int(max(down, default=0)),
+    }
+
+
 def pseudo_label_means(row: Mapping[str, Any]) -> dict[str, float]:
     """A round's pseudo-label quality: means over its label-free nodes, weighted by their
     crops. In an all-label-free fleet the strategy's weighted train metrics hold them; in a
@@ -503,6 +517,8 @@ def pseudo_label_means(row: Mapping[str, Any]) -> dict[str, float]:
     rows = [m for m in rows if "pl-precision" in m]
     if not rows:
         return {}
+    if all("mem-received" in m for m in rows):  # share-memories, from its second round
+        keys.update({"shared_received": "mem-received", "shared_joined": "mem-joined"})
     weights = [float(m.get("num-examples", 1)) for m in rows]
     total = sum(weights) or 1.0
     return {

@@ -186,7 +186,15 @@ def markdown(report: dict) -> str:
         f"Each node uploads {comm['adapter_bytes_per_node_per_round'] / 1e6:.3f} MB per round "
         f"with the default strategy, {100 * comm['fraction_of_full_model']:.2f}% of the "
         f"{comm['full_model_bytes'] / 1e6:.1f} MB full model; images sent: "
-        f"{comm['image_bytes_sent']} bytes.",
+        f"{comm['image_bytes_sent']} bytes."
+        + (
+            f" Shared tracklet memories (share-memories): at most "
+            f"{comm['memory_upload_bytes_per_node_per_round_max'] / 1e3:.1f} kB up and "
+            f"{comm['memory_download_bytes_per_node_per_round_max'] / 1e3:.1f} kB down per "
+            "node and round, appearance features of the people a node saw (docs/label-free.md)."
+            if "memory_upload_bytes_per_node_per_round_max" in comm
+            else ""
+        ),
         "",
         "![bytes per round](bytes.png)",
         "",

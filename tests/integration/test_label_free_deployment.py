@@ -75,7 +75,7 @@ def test_label_free_federation_from_two_daemons_galleries_is_hot_swapped(tmp_pat
                 )
             # no eval-data: a label-free fleet has nothing labelled for the server either
             run = flower.run(
-                f"model='tiny' num-server-rounds=2 max-steps=4 batch-size=12 "
+                f"model='tiny' num-server-rounds=1 max-steps=4 batch-size=12 "
                 f"fraction-evaluate=0.0 local-eval=false out-dir='{out}' round-timeout=300.0"
             )
             history = flower.finish(run, out)

@@ -17,7 +17,8 @@ from sims.simulation.pipeline import load_sim_config, run_sim
 @pytest.mark.parametrize(
     ("options", "method", "from_galleries"),
     [
-        ({"label_free": True}, "federated_label_free", False),
+        # every node label-free, sharing its tracklet memories through the server
+        ({"label_free": True, "share_memories": True}, "federated_label_free", False),
         # a mixed fleet: node1 trains on its captions, node2 without; the pseudo-label figures
         # come from node2's reply alone (the strategy's mean keeps only shared keys)
         ({"label_free_nodes": "node2"}, "federated_mixed", True),
@@ -55,6 +56,15 @@ def test_a_label_free_fleet_reports_its_pseudo_labels_every_round(
         assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
         assert r["pseudo_ids"] >= 1 and r["true_ids"] >= 1
         assert 0.0 < r["tracklet_purity"] <= 1.0
+    comm = report["communication"]
+    if options.get("share_memories"):  # round 2 carries round 1's memories of the other node
+        assert "shared_received" not in rounds[0] and rounds[1]["shared_received"] >= 1
+        assert 0 <= rounds[1]["shared_joined"] <= rounds[1]["shared_received"]
+        assert comm["memory_upload_bytes_per_node_per_round_max"] > 0
+        assert comm["memory_download_bytes_per_node_per_round_max"] > 0
+        assert "Shared tracklet memories" in (tmp_path / "run" / "report.md").read_text()
+    else:
+        assert "memory_upload_bytes_per_node_per_round_max" not in comm
     if from_galleries:  # what each daemon holds is what its node trained on
         from edge_node.serving.gallery import read_catalog
 

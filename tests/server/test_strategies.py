@@ -39,12 +39,12 @@ B_KEY = "base_model.model.layer.lora_B.weight"
 OUT, R, IN = 6, 2, 5
 
 
-def _metadata(node: int) -> Metadata:
+def _metadata(node: int, dst: int = 0) -> Metadata:
     return Metadata(
         run_id=1,
         message_id=f"m{node}",
         src_node_id=node,
-        dst_node_id=0,
+        dst_node_id=dst,
         reply_to_message_id="x",
         group_id="1",
         created_at=time.time(),
@@ -298,3 +298,57 @@ def test_pyproject_run_config_parses():
     assert app["components"]["serverapp"] == "server.fl.server_app:app"
     cfg = FlConfig.from_run_config(app["config"])
     assert set(cfg.to_dict()) == set(app["config"])  # every key can be overridden by flwr run
+
+
+def _with_memories(msg: Message, m: int, value: float = 1.0) -> Message:
+    from common.memories import REPLY_RECORD, SharedMemories, to_record
+
+    vectors = np.zeros((m, 4))
+    vectors[:, 0] = 1.0
+    spans = np.zeros((m, 2), dtype=np.int64)
+    msg.content[REPLY_RECORD] = to_record(SharedMemories(value * vectors, np.zeros(m), spans))
+    return msg
+
+
+def _to(node: int, arrays: ArrayRecord) -> Message:
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({})})
+    return Message(content, metadata=_metadata(0, dst=node))
+
+
+def test_shared_memories_are_pooled_and_forwarded_to_the_other_nodes_that_share():
+    from common.memories import CAMERA_STRIDE, SHARED_RECORD, from_record
+
+    spec = spec_of(zeros_b())
+    strategy = build_strategy(FlConfig(strategy="ffa", share_memories=True), spec)
+    strategy.begin_round(1, ArrayRecord({B_KEY: Array(np.zeros((OUT, R), np.float32))}))
+    replies = [
+        _with_memories(reply(1, zeros_b()), 2),
+        _with_memories(reply(2, zeros_b()), 3),
+        reply(3, zeros_b()),  # does not share
+        _with_memories(reply(4, zeros_b()), 2, value=2.0),  # not unit length: dropped
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    stats = strategy.rounds[1]
+    assert arrays is not None and sorted(stats.accepted) == [1, 2, 3, 4]  # adapters all count
+    assert sorted(strategy.memories) == [1, 2] and sorted(stats.memory_upload_bytes) == [1, 2]
+    global_ = ArrayRecord({B_KEY: Array(np.zeros((OUT, R), np.float32))})
+    strategy.begin_round(2, global_)
+    out = strategy.forward_memories(2, [_to(n, global_) for n in (1, 2, 3)])
+    got = {m.metadata.dst_node_id: m.content.array_records.get(SHARED_RECORD) for m in out}
+    assert got[3] is None  # a node that shares nothing receives nothing
+    to_1, to_2 = from_record(got[1]), from_record(got[2])
+    assert len(to_1) == 3 and len(to_2) == 2  # the other's, never its own
+    assert set(to_1.cameras.tolist()) == {CAMERA_STRIDE} and set(to_2.cameras.tolist()) == {0}
+    assert "arrays" in out[0].content and "config" in out[0].content
+    # with share-memories off, memories are dropped unread
+    off = build_strategy(FlConfig(strategy="ffa"), spec)
+    off.begin_round(1, global_)
+    off.aggregate_train(1, [_with_memories(reply(1, zeros_b()), 2)])
+    assert off.memories == {} and off.rounds[1].accepted == [1]
+
+
+def test_share_memories_refuses_dp_and_secure_aggregation():
+    for extra in ({"dp": "client-fixed", "dp_noise_multiplier": 0.5},
+                  {"secure_aggregation": True, "min_nodes": 3}):  # fmt: skip
+        with pytest.raises(ConfigError, match="share-memories"):
+            FlConfig(share_memories=True, **extra)
