@@ -156,7 +156,8 @@ def mine_identities(
     is the other's most similar memory, cosine >= `link_cos`, closing >= `triangles`
     triangles, visits within `link_window_ms` of each other by `timestamps` when that is
     set) are joined, transitively (union-find). `shared` memories of other nodes take part
-    as cameras of their own, so two local visits may also join through another site's."""
+    as cameras of their own (at `shared_cos`), linked to local memories only; each joins
+    the one local pseudo-identity it links to, and none when it links to two."""
     mem = memories(labels, emb)
     n_local = len(mem)
     camera_of: dict[int, object] = {}
