@@ -22,7 +22,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m sims.cli demo --out $(OUT)
 
 test: setup browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 # The console's browser tests drive Debian's chromium (Playwright's own browser download
 # does not work here); installed only when missing. Without it those tests fail, loudly.
