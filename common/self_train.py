@@ -11,6 +11,10 @@ Two terms, and an optional third:
   same crop), which keeps every crop near where the text-aligned model put it.
 - text (`SelfTrainWeights.text`): each crop's scores over an attribute vocabulary match its
   pseudo-identity's (`common.pseudo_captions`), an anchor in the text tower's own terms.
+- cluster (`SelfTrainWeights.cluster`): a memory of every pseudo-identity's centroid, each
+  crop classified against all of them (ClusterContrast, Dai et al. 2022). A batch holds a
+  few identities only, so the SupCon term sees few negatives; the memory brings the node's
+  other identities in, updated with momentum from the crops the batch embedded.
 Batches are filled with whole pseudo-identities so every crop has its positives in them.
 Memories other nodes shared (`share-memories`) that joined a local pseudo-identity enter
 the SupCon term as fixed keys of that identity: another site's view of the same person.
@@ -38,10 +42,14 @@ class SelfTrainWeights:
     anchor: float = 1.0
     camera: float = 0.0  # pull every camera's mean embedding to the batch's mean
     text: float = 0.0  # match each crop's pseudo-caption (common.pseudo_captions)
+    cluster: float = 0.0  # classify each crop against every pseudo-identity's centroid
+    momentum: float = 0.2  # of the centroid memory: share of the old centroid kept per update
 
     def __post_init__(self) -> None:
         if not self.temperature > 0 or not self.anchor >= 0 or not self.text >= 0:
             raise ConfigError("self-training: temperature must be > 0, anchor and text >= 0")
+        if not self.cluster >= 0 or not 0 <= self.momentum < 1:
+            raise ConfigError("self-training: cluster must be >= 0, momentum in [0, 1)")
 
 
 def supcon_loss(
@@ -76,6 +84,31 @@ def camera_alignment(img: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
+class CentroidMemory:
+    """Unit centroids of the pseudo-identities, started from `features` (the round model's
+    embeddings) and moved towards each batch's crops: the ClusterContrast memory."""
+
+    def __init__(self, features: torch.Tensor, ids: torch.Tensor, momentum: float) -> None:
+        self.labels, inverse = torch.unique(ids, return_inverse=True)
+        self.code = inverse  # per record: its identity's row
+        sums = torch.zeros(len(self.labels), features.shape[1]).index_add_(0, inverse, features)
+        self.rows = F.normalize(sums, dim=-1)
+        self.momentum = momentum
+
+    def loss(self, img: torch.Tensor, batch: torch.Tensor, temperature: float) -> torch.Tensor:
+        rows = self.rows.to(img.device)
+        return F.cross_entropy(img @ rows.t() / temperature, self.code[batch].to(img.device))
+
+    @torch.no_grad()
+    def update(self, img: torch.Tensor, batch: torch.Tensor) -> None:
+        code = self.code[batch]
+        for c in torch.unique(code):
+            mean = img[(code == c).to(img.device)].detach().float().mean(0).cpu()
+            self.rows[c] = F.normalize(
+                self.momentum * self.rows[c] + (1 - self.momentum) * mean, dim=0
+            )
+
+
 def _batches(ids: torch.Tensor, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
     groups = [torch.nonzero(ids == g).flatten() for g in torch.unique(ids)]
     order = torch.randperm(len(groups), generator=gen).tolist()
@@ -102,11 +135,14 @@ def self_train(
     bank: ImageBank | None = None,
     captions: PseudoCaptions | None = None,
     keys: tuple[torch.Tensor, Sequence[int]] | None = None,
+    features: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train whatever requires grad (the LoRA adapter) on uncaptioned `records`, in bank
     order of their images, with `pseudo_ids`, `anchors` (unit rows) and, for the text term,
     `captions` aligned to them. `keys`: (unit rows, the pseudo-id of each), e.g. shared
-    memories, fixed positives of their identity in every batch that holds it."""
+    memories, fixed positives of their identity in every batch that holds it. `features`:
+    the round model's unit embeddings of `records`, the cluster term's starting centroids
+    (the anchors when not given)."""
     core = core_model(model)
     device = torch.device(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -126,6 +162,12 @@ def self_train(
         key_rows, key_ids = keys[0].float(), torch.as_tensor(list(keys[1]), dtype=torch.long)
         if key_rows.ndim != 2 or len(key_rows) != len(key_ids):
             raise ConfigError("self-training: one pseudo-id per key row")
+    memory = None
+    if weights.cluster:
+        start_rows = anchors if features is None else features
+        if len(start_rows) != len(records):
+            raise ConfigError("self-training: one feature row per record for the cluster term")
+        memory = CentroidMemory(start_rows.float(), ids, weights.momentum)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(len(records) / cfg.batch_size) * cfg.epochs
@@ -150,6 +192,8 @@ def self_train(
                 loss = loss + weights.anchor * (1 - (img * anchor).sum(-1)).mean()
             if weights.text and captions is not None:
                 loss = loss + weights.text * captions.loss(img, batch)
+            if memory is not None:
+                loss = loss + weights.cluster * memory.loss(img, batch, weights.temperature)
             if weights.camera and cameras is not None:
                 loss = loss + weights.camera * camera_alignment(img, cameras[batch].to(device))
             if not torch.isfinite(loss):
@@ -160,6 +204,8 @@ def self_train(
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
+            if memory is not None:
+                memory.update(img, batch)
             total += loss.item() * len(batch)
             seen += len(batch)
             result.steps += 1

@@ -66,6 +66,7 @@ class NodeFlSettings:
     anchor_weight: float = 1.0  # label-free: weight of that anchor against the SupCon term
     camera_weight: float = 0.0  # label-free: weight of the per-camera mean alignment
     text_weight: float = 0.0  # label-free: weight of the pseudo-caption term
+    cluster_weight: float = 0.0  # label-free: weight of the centroid-memory term
     link_cos: float = 0.7  # label-free: mutual top-1 threshold across cameras (> 1: none)
     link_window_s: float = 0.0  # label-free: link only visits this close in time (0: any)
     # label-free: add this node's tracklet memories to its replies when the round plan asks
@@ -97,6 +98,8 @@ class NodeFlSettings:
             raise ConfigError(f"`label-free-shared-cos` must be in [-1, 1], got {self.shared_cos}")
         if not self.text_weight >= 0:
             raise ConfigError(f"`label-free-text` must be >= 0, got {self.text_weight}")
+        if not self.cluster_weight >= 0:
+            raise ConfigError(f"`label-free-cluster` must be >= 0, got {self.cluster_weight}")
         if self.threads < 0:
             raise ConfigError(f"`threads` must be >= 0, got {self.threads}")
 
@@ -133,6 +136,7 @@ class NodeFlSettings:
             anchor_weight=float(get("label-free-anchor-weight", 1.0)),
             camera_weight=float(get("label-free-camera", 0.0)),
             text_weight=float(get("label-free-text", 0.0)),
+            cluster_weight=float(get("label-free-cluster", 0.0)),
             link_cos=float(get("label-free-link-cos", 0.7)),
             link_window_s=float(get("label-free-link-window-s", 0.0)),
             share_memories=_flag(get("share-memories", False)),
@@ -621,7 +625,10 @@ def _train_label_free(
         with model.disable_adapter():
             anchors = embed_records(model, crops, bank=bank).gallery
     weights = SelfTrainWeights(
-        anchor=settings.anchor_weight, camera=settings.camera_weight, text=settings.text_weight
+        anchor=settings.anchor_weight,
+        camera=settings.camera_weight,
+        text=settings.text_weight,
+        cluster=settings.cluster_weight,
     )
     captions = None
     if settings.text_weight:  # the memories' descriptions, in the round's text space
@@ -639,6 +646,7 @@ def _train_label_free(
         bank=bank,
         captions=captions,
         keys=keys,
+        features=torch.from_numpy(emb),
     )
     own = export_memories(tracklets, cams, stamps, emb) if share else None
     metrics: dict[str, float] = {

@@ -60,8 +60,9 @@ class FlConfig:
         pseudo-identities mined from the crops (docs/label-free.md); every node, or those
         named (comma list); `label-free-anchor` (base | round), its weight
         `label-free-anchor-weight`, `label-free-camera` (weight of the per-camera mean
-        alignment) and `label-free-text` (weight of the pseudo-captions,
-        common/pseudo_captions.py) tune their loss (common/self_train.py),
+        alignment), `label-free-text` (weight of the pseudo-captions,
+        common/pseudo_captions.py) and `label-free-cluster` (weight of the centroid
+        memory) tune their loss (common/self_train.py),
         `label-free-link-cos` the cross-camera mutual top-1 threshold and
         `label-free-link-window-s` its space-time window (edge_node/fl/mining.py).
     share-memories: label-free nodes that also set it (node config; simulated nodes read
@@ -133,6 +134,7 @@ class FlConfig:
     label_free_anchor_weight: float = 1.0
     label_free_camera: float = 0.0
     label_free_text: float = 0.0
+    label_free_cluster: float = 0.0
     label_free_link_cos: float = 0.7
     label_free_link_window_s: float = 0.0
     label_free_shared_cos: float = 0.7

@@ -143,6 +143,7 @@ def run_federated(
         "label-free-anchor-weight",
         "label-free-camera",
         "label-free-text",
+        "label-free-cluster",
         "label-free-link-cos",
         "label-free-link-window-s",
         "label-free-shared-cos",

@@ -11,7 +11,7 @@ from flwr.app import RecordDict
 
 from common.errors import ConfigError
 from common.pseudo_captions import pseudo_captions, vocabulary
-from common.self_train import supcon_loss
+from common.self_train import CentroidMemory, SelfTrainWeights, supcon_loss
 from edge_node.fl.client_app import build_client_app
 from edge_node.fl.task import NodeFlSettings
 from tests.integration.test_flower_payload import _context, _message, _setup, sent_config
@@ -25,6 +25,32 @@ def test_supcon_by_hand():
     expected = -math.log(math.exp(1 / t) / (math.exp(1 / t) + math.exp(0)))
     assert abs(supcon_loss(img, ids, t).item() - expected) < 1e-6
     assert supcon_loss(img, torch.tensor([0, 1, 2]), t).item() == 0.0  # no positives
+
+
+def test_centroid_memory_by_hand():
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [-1.0, 0.0]])
+    ids = torch.tensor([5, 9, 9, 5])
+    memory = CentroidMemory(
+        torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [1.0, 0.0]]), ids, 0.5
+    )
+    assert torch.equal(memory.labels, torch.tensor([5, 9]))
+    assert torch.allclose(memory.rows[0], torch.tensor([1.0, 0.0]))
+    assert torch.allclose(
+        memory.rows[1], torch.nn.functional.normalize(torch.tensor([0.6, 1.8]), dim=0)
+    )
+    # crop 1 against both centroids, its own (row 1) the target
+    t = 0.5
+    logits = feats[1:2] @ memory.rows.t() / t
+    expected = -torch.log_softmax(logits, dim=1)[0, 1]
+    assert abs(memory.loss(feats[1:2], torch.tensor([1]), t).item() - expected.item()) < 1e-6
+    # an update moves a centroid halfway (momentum 0.5) to its crops' mean in the batch, only it
+    before = memory.rows.clone()
+    memory.update(feats[[1]], torch.tensor([0]))  # crop 0's identity (row 0) seen as [0, 1]
+    moved = torch.nn.functional.normalize(torch.tensor([0.5, 0.5]), dim=0)
+    assert torch.allclose(memory.rows[0], moved)
+    assert torch.equal(memory.rows[1], before[1])
+    with pytest.raises(ConfigError, match="momentum"):
+        SelfTrainWeights(cluster=1.0, momentum=1.0)
 
 
 def test_pseudo_captions_by_hand():
@@ -51,16 +77,16 @@ def test_the_vocabulary_has_no_duplicate_phrases():
     assert len(phrases) == len(set(phrases)) and all(len(s) >= 2 for s in vocabulary().values())
 
 
-@pytest.mark.parametrize("text_weight", [0.0, 1.0])
+@pytest.mark.parametrize("text_weight, cluster", [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)])
 def test_a_label_free_node_trains_without_captions_and_reports_its_pseudo_labels(
-    tmp_path, tiny_dataset, text_weight
+    tmp_path, tiny_dataset, text_weight, cluster
 ):
     data, cfg, _, template, initial, digest = _setup(tiny_dataset, tmp_path, "fedavg")
     config = sent_config(cfg, digest)
     config["server-round"] = 1
     msg = _message(RecordDict({"arrays": initial, "config": config}), "train")
     node = {"data-path": str(data), "node-id": "node0", "label-free": True,
-            "label-free-text": text_weight}  # fmt: skip
+            "label-free-text": text_weight, "label-free-cluster": cluster}  # fmt: skip
     reply = build_client_app()(msg, _context(node))
     assert not reply.has_error(), reply.error
     metrics = next(iter(reply.content.metric_records.values()))
@@ -94,7 +120,7 @@ def test_label_free_loss_settings_are_read_and_bad_ones_refused_by_name():
                 {"label-free-anchor": "last"}):  # fmt: skip
         with pytest.raises(ConfigError, match="label-free-anchor"):
             NodeFlSettings.from_configs(bad, {"data-path": "d"})
-    for key in ("label-free-text", "label-free-link-window-s"):
+    for key in ("label-free-text", "label-free-cluster", "label-free-link-window-s"):
         for bad in (-0.5, "nan"):
             with pytest.raises(ConfigError, match=key):
                 NodeFlSettings.from_configs({key: bad}, {"data-path": "d"})
