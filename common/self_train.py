@@ -180,9 +180,6 @@ def self_train(
         total, seen = 0.0, 0
         for batch in _batches(ids, cfg.batch_size, gen):
             px = bank.batch(idx[batch], device)
-            if cfg.hflip:  # as supervised training does; the anchor is of the unflipped crop
-                flip = torch.rand(len(batch), generator=gen) < 0.5
-                px[flip.to(device)] = px[flip.to(device)].flip(-1)
             img = F.normalize(core.image_features(px), dim=-1)
             batch_ids = ids[batch].to(device)
             in_batch = None
