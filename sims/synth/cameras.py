@@ -14,7 +14,8 @@ vignetting, hard shadows, backlight, glare, overhead foreshortening, motion blur
 resolution, and per-camera detector crop styles and occlusion; most of them destroy what a
 model would need, so fine-tuning gains little on it. `v4` (LOOKS_V4, the default) keeps what
 was learnable: two roughly complementary lights across every frame plus the camera's
-exposure curve, which neither a per-camera nor a per-image gray-world gain undoes.
+exposure curve, which neither a per-camera nor a per-image gray-world gain undoes. `v5`
+(LOOKS_V5) turns each site's hues about the grey axis; a hue-histogram alignment undoes it.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class CameraStyle:
     block_quality: int = 0  # JPEG quality at the reduced resolution (blocks), 0 = off
     crop: str = "normal"  # detector box style: normal | tight | loose | truncated
     occlusion: float = -1.0  # per-camera occluder probability, < 0 = the dataset's rate
+    # v5: hue turned about the grey axis, in degrees (a drifted colour-correction matrix or
+    # a decoder reading the wrong channel order): grey stays grey, so no gain or level undoes it
+    hue: float = 0.0
 
 
 # name -> full-strength parameters; strength scales their distance from neutral.
@@ -161,7 +165,31 @@ LOOKS_V4: dict[str, dict] = {
     # violet venue LEDs with green stage light from above; dark
     "venue-entrance": _two_lights((0.6, 0.3, 1.0), (0.68, 1.0, 0.26), "y", gamma=1.4),
 }
-LOOK_SETS = {"v2": LOOKS_V2, "v3": LOOKS_V3, "v4": LOOKS_V4}
+
+
+# v5 (selectable, not the default): every site's colours turned about the grey axis by its
+# own angle, the same for both of its cameras (one recorder per site). An RTSP decoder that
+# reads BGR as RGB, a colour-correction matrix from another sensor: the scene's greys stay
+# grey, so a per-camera gain or level has nothing to correct, yet every colour word lands on
+# another hue; a turn loses nothing, so a model that sees the site's crops can learn it. But a
+# per-camera hue-histogram alignment to the source split (label-free, no training) finds most
+# of the angles and beats centralised LoRA (docs/benchmark.md, "v5: hue turns"), so v5 is kept
+# as a measured negative result, like v2.
+def _turned(hue: float) -> dict:
+    return dict(hue=hue, noise=4, jpeg_quality=80)
+
+
+LOOKS_V5: dict[str, dict] = {
+    "bgr-decoder-street": _turned(180.0),
+    "bgr-decoder-loading-bay": _turned(180.0),
+    "ccm-drift-car-park": _turned(90.0),
+    "ccm-drift-exit": _turned(90.0),
+    "wrong-preset-shop": _turned(-90.0),
+    "wrong-preset-underpass": _turned(-90.0),
+    "grb-decoder-gate": _turned(120.0),
+    "grb-decoder-venue": _turned(120.0),
+}
+LOOK_SETS = {"v2": LOOKS_V2, "v3": LOOKS_V3, "v4": LOOKS_V4, "v5": LOOKS_V5}
 
 _NEUTRAL = CameraStyle(camera_id="", look="neutral")
 
@@ -215,6 +243,8 @@ def make_camera_style(
             crop=params.get("crop", "normal") if strength >= 0.5 else "normal",
             occlusion=params.get("occlusion", -1.0),
         )
+    if looks == "v5":
+        v3["hue"] = strength * params.get("hue", 0.0) + float(rng.uniform(-8.0, 8.0))
     return CameraStyle(
         camera_id=camera_id, look=look, background=kind, bg_colours=bg, **common, **v3
     )
@@ -319,6 +349,8 @@ def apply_camera(
         x = x * _split_light(
             style.cast, style.split_cast, style.split_axis, rng, w if style.split_axis == "x" else h
         )
+    if abs(style.hue) > 0.5:
+        x = np.clip(x, 0.0, None) @ _hue_turn(style.hue).T
     if style.nir > 0:
         grey = x @ np.array([0.4, 0.4, 0.2], np.float32)
         glow = 0.25 + 0.75 * np.clip(grey, 0, 1) ** 0.7  # dark dyes reflect NIR: little contrast
@@ -381,6 +413,14 @@ def _split_light(
     ratio = np.asarray(second, np.float32) / np.maximum(np.asarray(cast, np.float32), 1e-3)
     m = (1.0 - t)[:, None] + t[:, None] * ratio[None, :]
     return m[None, :, :] if axis == "x" else m[:, None, :]
+
+
+def _hue_turn(degrees: float) -> np.ndarray:
+    """The 3x3 rotation about the grey axis (1, 1, 1) by `degrees` (Rodrigues)."""
+    k = np.full(3, 1.0 / np.sqrt(3.0))
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    t = np.deg2rad(degrees)
+    return (np.eye(3) + np.sin(t) * kx + (1 - np.cos(t)) * kx @ kx).astype(np.float32)
 
 
 def _foreshorten(

@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shift", choices=("none", "mild", "strong"), default=d.shift,
                    help="per-camera appearance shift")  # fmt: skip
     p.add_argument("--looks", choices=sorted(LOOK_SETS), default=d.looks,
-                   help="v4 two lights + exposure, v3 CCTV faults, v2 one light")  # fmt: skip
+                   help="v4 two lights + exposure (default), v3 CCTV faults, v2 one light, "
+                   "v5 hue turns")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=None, help="render processes (default: CPUs)")
     p.add_argument("--preview", type=Path, default=None, help="also write a contact sheet PNG")

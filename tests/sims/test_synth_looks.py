@@ -13,7 +13,15 @@ from PIL import Image
 
 from common.camera_norm import fit_camera_norm
 from sims.synth import SynthConfig, generate
-from sims.synth.cameras import LOOKS_V2, LOOKS_V3, LOOKS_V4, make_camera_style
+from sims.synth.cameras import (
+    LOOKS_V2,
+    LOOKS_V3,
+    LOOKS_V4,
+    LOOKS_V5,
+    _hue_turn,
+    apply_camera,
+    make_camera_style,
+)
 
 TINY = dict(
     identities=16,
@@ -160,3 +168,20 @@ def test_v4_exposure_curves_are_not_gains():
         style = make_camera_style(f"c{i:02d}", i, "strong", np.random.default_rng(i), "v4")
         assert style.look == look and style.split_cast != (1.0, 1.0, 1.0)
         assert abs(style.gamma - 1.0) > 0.3 or style.haze > 0.2
+
+
+def test_v5_hue_turns_keep_grey_and_move_colour_by_the_angle():
+    """v5 (not the default): a turn about the grey axis, which no gain or level undoes."""
+    turn = _hue_turn(120.0)
+    assert np.allclose(turn @ np.ones(3), np.ones(3), atol=1e-6)  # grey stays grey
+    assert np.allclose(turn @ turn.T, np.eye(3), atol=1e-6)  # a rotation: nothing lost
+    assert np.allclose(turn @ np.array([1.0, 0.0, 0.0]), [0.0, 1.0, 0.0], atol=1e-6)  # R -> G
+    for i, look in enumerate(LOOKS_V5):
+        style = make_camera_style(f"c{i:02d}", i, "strong", np.random.default_rng(i), "v5")
+        assert style.look == look and abs(style.hue - LOOKS_V5[look]["hue"]) <= 8.0
+    red = Image.new("RGB", (8, 16), (200, 40, 40))
+    style = make_camera_style("c07", 6, "strong", np.random.default_rng(0), "v5")  # ~ +120
+    r, g, b = np.asarray(apply_camera(red, style, np.random.default_rng(0)), np.float32).mean(
+        (0, 1)
+    )
+    assert g > r and g > b  # a red jacket filmed green
