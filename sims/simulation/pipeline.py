@@ -60,6 +60,9 @@ class FederatedSection:
     # train from the nodes' own daemons: their train crops ingested over Ingest (without
     # captions at label-free nodes), read by the Flower clients (sims/simulation/train_galleries)
     from_galleries: bool = False
+    # more FL seeds for the default strategy: R1 moves by about a point between FL seeds
+    # (docs/label-free.md section 8), more than many effects, so the report gives the spread
+    seeds: tuple[int, ...] = ()
     options: dict = field(default_factory=dict)  # further Flower run-config keys
 
     def __post_init__(self) -> None:
@@ -70,6 +73,10 @@ class FederatedSection:
             )
         if self.rounds < 1 or self.local_epochs < 1:
             raise ConfigError("federated.rounds and federated.local-epochs must be >= 1")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"federated.seeds repeats a seed: {list(self.seeds)}")
+        if self.seeds and "seed" in self.options:
+            raise ConfigError("federated.seeds and federated.options' seed: set one of them")
 
 
 @dataclass(frozen=True)
@@ -248,7 +255,12 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
     stage("text_features", t0)
 
     fed = cfg.federated
+    if cfg.seed in fed.seeds:
+        raise ConfigError(
+            f"federated.seeds: {cfg.seed} is the config's own seed, which always runs"
+        )
     federated: dict[str, Any] = {}
+    repeats: dict[int, Any] = {}  # the default strategy again, under federated.seeds
     # with from-galleries, the nodes' daemons run until every strategy has trained from them
     with contextlib.ExitStack() as galleries:
         gallery_root = ""
@@ -264,32 +276,35 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
             )  # fmt: skip
             gallery_root = str(root)
             stage("train_galleries", t0)
-        for strategy in fed.strategies:
-            t0 = time.perf_counter()
-            options = {
+
+        def options(seed: int) -> dict:
+            given = {
                 "local-epochs": fed.local_epochs,
                 "lr": fed.lr,
                 "batch-size": fed.batch_size,
                 "eval-data": str(data_dir),
                 "eval-split": "test",
-                "seed": cfg.seed,
+                "seed": seed,
                 "text-cache": text_cache_file,
                 "camera-norm": cfg.camera_norm,
                 # TOML keys arrive snake_cased; Flower's run config is kebab-case
                 **{k.replace("_", "-"): v for k, v in fed.options.items()},
             }
-            if gallery_root:
-                options["gallery-root"] = gallery_root
-            federated[strategy] = run_federated(
-                data_dir,
-                len(nodes),
-                fed.rounds,
-                strategy,
-                base_spec,
-                out / f"fl-{strategy}",
-                options=options,
-            )
-            stage(f"federated_{strategy}", t0)
+            return given | ({"gallery-root": gallery_root} if gallery_root else {})
+
+        runs = [(s, f"fl-{s}", cfg.seed) for s in fed.strategies]
+        runs += [(fed.default, f"fl-{fed.default}-seed{n}", n) for n in fed.seeds]
+        for strategy, name, seed in runs:
+            t0 = time.perf_counter()
+            run = run_federated(
+                data_dir, len(nodes), fed.rounds, strategy, base_spec, out / name,
+                options=options(seed),
+            )  # fmt: skip
+            if name == f"fl-{strategy}":
+                federated[strategy] = run
+            else:
+                repeats[seed] = run
+            stage(name.replace("fl-", "federated_").replace("-", "_"), t0)
 
     epochs = fed.rounds * fed.local_epochs
     train_kwargs = {
@@ -363,9 +378,25 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
         time.perf_counter() - t_start,
         stages,
         data_dir,
+        repeats,
     )
     write_report(report, out, federated, serving)
     return report
+
+
+def seed_spread(by_seed: dict[int, dict], trivial: dict, *, served: int) -> dict:
+    """The default strategy's final figures over FL seeds: per seed, mean, sample sd, and the
+    mean gain over the stronger trivial baseline. `served`: the seed of `methods.federated`."""
+    import statistics
+
+    out: dict[str, Any] = {"seeds": sorted(by_seed), "served": served}
+    for key in ("R1", "mAP"):
+        values = [by_seed[s][key] for s in out["seeds"]]
+        out[key] = values
+        out[f"{key}_mean"] = round(statistics.fmean(values), 2)
+        out[f"{key}_sd"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+        out[f"{key}_attributable_mean"] = round(out[f"{key}_mean"] - trivial[key], 2)
+    return out
 
 
 def build_report(
@@ -379,6 +410,7 @@ def build_report(
     total_s: float,
     stages: dict,
     data_dir: Path,
+    repeats: dict | None = None,
 ) -> dict:
     """The report.json contract (see README): methods in percent, rounds, traffic, broker."""
     default = federated[cfg.federated.default]
@@ -453,6 +485,13 @@ def build_report(
             "local_only_per_node": local["per_node"] if local else None,
         },
     }
+    if repeats:
+        report["seeds"] = seed_spread(
+            {cfg.seed: methods["federated"]}
+            | {s: final_metrics(run) for s, run in repeats.items()},
+            methods[best_trivial],
+            served=cfg.seed,
+        )
     pseudo = [
         {"round": i, **m} for i, r in enumerate(default.rounds) if (m := pseudo_label_means(r))
     ]

@@ -244,11 +244,26 @@ def markdown(report: dict) -> str:
         f"Attributable to federated learning: federated - max(zero-shot + camera "
         f"normalisation, best local-only) = {att['R1']:+.2f} Rank-1, {att['mAP']:+.2f} mAP "
         f"(the stronger trivial baseline here: {LABELS.get(att['baseline'], att['baseline'])}).",
+        *_seed_lines(report.get("seeds")),
         f"Total wall time {timing['total_s']} s; {timing['per_round_s']} s per "
         f"federated round. Stages: {timing['stages_s']}.",
         "",
     ]
     return "\n".join(parts)
+
+
+def _seed_lines(seeds: dict | None) -> list[str]:
+    """The default strategy over several FL seeds (`[federated] seeds`)."""
+    if not seeds:
+        return []
+    per_seed = ", ".join(f"{r:.2f}" for r in seeds["R1"])
+    return [
+        f"Over FL seeds {seeds['seeds']}: Rank-1 {per_seed}; mean {seeds['R1_mean']:.2f} "
+        f"(sd {seeds['R1_sd']:.2f}), mAP mean {seeds['mAP_mean']:.2f} (sd {seeds['mAP_sd']:.2f}); "
+        f"attributable on the mean: {seeds['R1_attributable_mean']:+.2f} Rank-1, "
+        f"{seeds['mAP_attributable_mean']:+.2f} mAP. The figures above are seed "
+        f"{seeds['served']}'s, the run that was served."
+    ]
 
 
 def _student_lines(students: dict) -> list[str]:

@@ -21,7 +21,7 @@ def mini_report(tmp_path_factory) -> tuple[dict, Path]:
         **{
             **base.__dict__,
             "federated": base.federated.__class__(
-                **{**base.federated.__dict__, "strategies": ("ffa",)}
+                **{**base.federated.__dict__, "strategies": ("ffa",), "seeds": (1,)}
             ),
         }
     )
@@ -54,6 +54,31 @@ def test_report_has_every_contract_key_with_sane_values(mini_report) -> None:
     assert on_disk["timing"]["total_s"] > 0 and on_disk["timing"]["per_round_s"] > 0
     for name in ("report.md", "rounds.png", "bytes.png", "latency.png", "contact_sheet.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_more_fl_seeds_report_their_spread_beside_the_served_run(mini_report) -> None:
+    report, out = mini_report
+    seeds = json.loads((out / "report.json").read_text())["seeds"]
+    assert seeds["seeds"] == [0, 1] and seeds["served"] == 0
+    assert seeds["R1"][0] == report["methods"]["federated"]["R1"]  # seed 0 is the served run
+    assert seeds["R1_mean"] == pytest.approx(sum(seeds["R1"]) / 2, abs=0.006)
+    assert seeds["R1_sd"] == pytest.approx(abs(seeds["R1"][0] - seeds["R1"][1]) / 2**0.5, abs=0.006)
+    best = report["attributable"]["baseline"]
+    expected = seeds["mAP_mean"] - report["methods"][best]["mAP"]
+    assert seeds["mAP_attributable_mean"] == pytest.approx(expected, abs=0.011)
+    assert (out / "fl-ffa-seed1" / "final" / "adapter_model.safetensors").is_file()
+    assert "Over FL seeds [0, 1]" in (out / "report.md").read_text()
+    assert "federated_ffa_seed1" in report["timing"]["stages_s"]
+
+
+def test_fl_seeds_that_repeat_or_clash_are_refused() -> None:
+    from common.errors import ConfigError
+    from sims.simulation.pipeline import FederatedSection
+
+    with pytest.raises(ConfigError, match="repeats a seed"):
+        FederatedSection(seeds=(1, 1))
+    with pytest.raises(ConfigError, match="set one of them"):
+        FederatedSection(seeds=(1,), options={"seed": 3})
 
 
 def test_broker_answers_equal_offline_metrics(mini_report) -> None:
