@@ -99,6 +99,12 @@ class SimConfig:
     # nodes' `[camera-norm]`); zero-shot stays on the raw crops beside zero-shot + camera norm
     camera_norm: bool = False
 
+    def __post_init__(self) -> None:
+        if self.seed in self.federated.seeds:
+            raise ConfigError(
+                f"federated.seeds: {self.seed} is the config's own seed, which always runs"
+            )
+
 
 def load_sim_config(path: str | Path | None) -> SimConfig:
     path = Path(path) if path else CONFIG_DIR / "default.toml"
@@ -255,10 +261,6 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
     stage("text_features", t0)
 
     fed = cfg.federated
-    if cfg.seed in fed.seeds:
-        raise ConfigError(
-            f"federated.seeds: {cfg.seed} is the config's own seed, which always runs"
-        )
     federated: dict[str, Any] = {}
     repeats: dict[int, Any] = {}  # the default strategy again, under federated.seeds
     # with from-galleries, the nodes' daemons run until every strategy has trained from them

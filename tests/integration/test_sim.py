@@ -73,12 +73,14 @@ def test_more_fl_seeds_report_their_spread_beside_the_served_run(mini_report) ->
 
 def test_fl_seeds_that_repeat_or_clash_are_refused() -> None:
     from common.errors import ConfigError
-    from sims.simulation.pipeline import FederatedSection
+    from sims.simulation.pipeline import FederatedSection, SimConfig
 
     with pytest.raises(ConfigError, match="repeats a seed"):
         FederatedSection(seeds=(1, 1))
     with pytest.raises(ConfigError, match="set one of them"):
         FederatedSection(seeds=(1,), options={"seed": 3})
+    with pytest.raises(ConfigError, match="own seed"):
+        SimConfig(seed=1, federated=FederatedSection(seeds=(1, 2)))
 
 
 def test_broker_answers_equal_offline_metrics(mini_report) -> None:
