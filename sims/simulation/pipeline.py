@@ -294,19 +294,20 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
             }
             return given | ({"gallery-root": gallery_root} if gallery_root else {})
 
-        runs = [(s, f"fl-{s}", cfg.seed) for s in fed.strategies]
-        runs += [(fed.default, f"fl-{fed.default}-seed{n}", n) for n in fed.seeds]
-        for strategy, name, seed in runs:
+        def train(strategy: str, seed: int, *, repeat: bool = False):
             t0 = time.perf_counter()
+            run_dir = out / (f"fl-{strategy}-seed{seed}" if repeat else f"fl-{strategy}")
             run = run_federated(
-                data_dir, len(nodes), fed.rounds, strategy, base_spec, out / name,
+                data_dir, len(nodes), fed.rounds, strategy, base_spec, run_dir,
                 options=options(seed),
             )  # fmt: skip
-            if name == f"fl-{strategy}":
-                federated[strategy] = run
-            else:
-                repeats[seed] = run
-            stage(name.replace("fl-", "federated_").replace("-", "_"), t0)
+            stage(f"federated_{strategy}_seed{seed}" if repeat else f"federated_{strategy}", t0)
+            return run
+
+        for strategy in fed.strategies:
+            federated[strategy] = train(strategy, cfg.seed)
+        for seed in fed.seeds:
+            repeats[seed] = train(fed.default, seed, repeat=True)
 
     epochs = fed.rounds * fed.local_epochs
     train_kwargs = {
