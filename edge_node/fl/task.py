@@ -16,13 +16,12 @@ import contextlib
 import importlib
 import logging
 import pickle
-import time
 import uuid
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +29,9 @@ from common.datasets import Record, load_records
 from common.errors import AdapterMismatch, ConfigError, DatasetError
 from common.memories import SharedMemories
 from common.round_plan import RoundPlan
+
+if TYPE_CHECKING:
+    from edge_node.fl.label_free import LabelFreeRound
 
 # A child of Flower's logger: these lines show wherever Flower's do (console, `flwr run
 # --stream`, `flwr log`), also in the ServerApp/ClientApp subprocesses of the deployment engine.
@@ -102,6 +104,25 @@ class NodeFlSettings:
             raise ConfigError(f"`label-free-cluster` must be >= 0, got {self.cluster_weight}")
         if self.threads < 0:
             raise ConfigError(f"`threads` must be >= 0, got {self.threads}")
+
+    def label_free_round(self) -> LabelFreeRound:
+        """The mining and training settings of this node's label-free rounds."""
+        from common.self_train import SelfTrainWeights
+        from edge_node.fl.label_free import LabelFreeRound
+        from edge_node.fl.mining import MiningSettings
+
+        mining = MiningSettings(
+            link_cos=self.link_cos,
+            link_window_ms=int(self.link_window_s * 1000),
+            shared_cos=self.shared_cos,
+        )
+        weights = SelfTrainWeights(
+            anchor=self.anchor_weight,
+            camera=self.camera_weight,
+            text=self.text_weight,
+            cluster=self.cluster_weight,
+        )
+        return LabelFreeRound(mining, weights, self.anchor)
 
     @classmethod
     def from_configs(
@@ -442,6 +463,7 @@ class NodeTrainer:
         from common.evaluate import evaluate
         from common.lora import get_adapter_state
         from common.train import TrainConfig, train
+        from edge_node.fl.label_free import train_label_free
 
         data = self.data(settings)
         model = self.load_global(plan, global_state)
@@ -465,8 +487,14 @@ class NodeTrainer:
         own: SharedMemories | None = None
         if is_label_free(settings, data.name):
             share = plan.share_memories and settings.share_memories
-            result, mined, own = _train_label_free(
-                model, data.train, cfg, bank, settings, shared, share=share
+            result, mined, own = train_label_free(
+                model,
+                data.train,
+                cfg,
+                bank,
+                settings.label_free_round(),
+                shared,
+                share=share,
             )
         else:
             result = train(model, data.train, cfg, reference=reference, text_cache=cache, bank=bank)
@@ -570,108 +598,3 @@ def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _train_label_free(
-    model,
-    records: list[Record],
-    cfg,
-    bank,
-    settings: NodeFlSettings,
-    shared: SharedMemories | None = None,
-    *,
-    share: bool = False,
-) -> tuple[Any, dict[str, float], SharedMemories | None]:
-    """One label-free round: captions ignored; tracklets and pseudo-identities mined with
-    the round's global model (`edge_node.fl.mining`, with other nodes' `shared` memories
-    when the server forwarded some), then `common.self_train`. With real person ids in the
-    records (simulation), the pseudo-labels' quality is reported too. `share`: also return
-    this node's memories (mined before training, with the round's model)."""
-    import dataclasses
-
-    import numpy as np
-
-    from common.evaluate import embed_records
-    from common.pseudo_captions import pseudo_captions, vocabulary
-    from common.self_train import SelfTrainWeights, self_train
-    from common.train import core_model
-    from edge_node.fl.mining import (
-        MiningSettings,
-        export_memories,
-        label_quality,
-        link_tracklets,
-        mine_identities,
-    )
-
-    t0 = time.perf_counter()
-    by_path = {r.image_path: dataclasses.replace(r, captions=()) for r in records}
-    crops = [by_path[p] for p in sorted(by_path)]  # embed_records' gallery order
-    emb = embed_records(model, crops, bank=bank).gallery
-    cams, stamps = [r.camera_id for r in crops], [r.timestamp_ms for r in crops]
-    mining = MiningSettings(
-        link_cos=settings.link_cos,
-        link_window_ms=int(settings.link_window_s * 1000),
-        shared_cos=settings.shared_cos,
-    )
-    tracklets = link_tracklets(cams, stamps, emb, mining)
-    mined = mine_identities(tracklets, cams, emb, mining, stamps, shared)
-    pseudo = mined.local
-    keys = None
-    if shared is not None and (mined.shared >= 0).any():  # joined: fixed positives
-        joined = mined.shared >= 0
-        keys = (torch.from_numpy(shared.vectors[joined]), mined.shared[joined].tolist())
-    anchors = emb
-    if settings.anchor == "base":  # fixed across rounds: the text-aligned start
-        with model.disable_adapter():
-            anchors = embed_records(model, crops, bank=bank).gallery
-    weights = SelfTrainWeights(
-        anchor=settings.anchor_weight,
-        camera=settings.camera_weight,
-        text=settings.text_weight,
-        cluster=settings.cluster_weight,
-    )
-    captions = None
-    if settings.text_weight:  # the memories' descriptions, in the round's text space
-        slots, core = vocabulary(), core_model(model)
-        prompts = core.encode_text([p for s in slots.values() for p in s])
-        scale = float(core.logit_scale.exp())
-        captions = pseudo_captions(emb, pseudo, prompts, [len(s) for s in slots.values()], scale)
-    result = self_train(
-        model,
-        crops,
-        pseudo.tolist(),
-        torch.from_numpy(anchors),
-        cfg,
-        weights,
-        bank=bank,
-        captions=captions,
-        keys=keys,
-        features=torch.from_numpy(emb),
-    )
-    own = export_memories(tracklets, cams, stamps, emb) if share else None
-    metrics: dict[str, float] = {
-        "pl-ids": float(len(np.unique(pseudo))),
-        "pl-tracklets": float(len(np.unique(tracklets))),
-        # embedding with the round's (and the base) model + tracklets + pseudo-identities
-        "pl-seconds": time.perf_counter() - t0 - result.seconds,
-    }
-    if captions is not None:
-        metrics["pc-confidence"] = captions.confidence()
-    if shared is not None:  # what the other nodes' memories added
-        metrics["mem-received"] = float(len(shared))
-        metrics["mem-joined"] = float((mined.shared >= 0).sum())
-    if own is not None:
-        metrics["mem-sent-bytes"] = float(own.nbytes)
-    truth = [r.person_id for r in crops]
-    if min(truth) >= 0:  # a simulated node knows the truth; a real site does not
-        quality = label_quality(pseudo, truth)
-        metrics.update(
-            {
-                "pl-precision": quality["precision"],
-                "pl-recall": quality["recall"],
-                "pl-true-ids": float(quality["true_labels"]),
-                # share of crops whose tracklet's majority person is theirs
-                "pl-tracklet-purity": label_quality(tracklets, truth)["purity"],
-            }
-        )
-    return result, metrics, own
