@@ -15,7 +15,7 @@ from common.factory import create_model
 from common.prune import prune_image_tower
 from sims.cli import main as fedretrieve
 
-SMALL_IMAGE = {"type": "cnn", "widths": [4, 8], "depths": [1, 1], "groups": 4, "stem_stride": 2}
+SMALL_IMAGE = {"type": "cnn", "widths": [8, 8], "depths": [1, 1], "groups": 4, "stem_stride": 2}
 
 
 def test_a_student_keeps_the_teachers_text_side_exactly():

@@ -21,7 +21,7 @@ from edge_node.config import Limits
 from protos import node_pb2, retrieval_pb2
 
 QUERY = "a person in a red top and black trousers"
-SMALL_CNN = {"type": "cnn", "widths": [4, 8], "depths": [1, 1], "groups": 4}
+SMALL_CNN = {"type": "cnn", "widths": [8, 8], "depths": [1, 1], "groups": 4}
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ def test_a_student_node_serves_beside_a_teacher_node_and_the_broker_reports_it(
     adapter = tmp_path / "adapter"
     version = write_adapter(adapter, 1)
     spec = json.loads(Path("common/model_configs/tiny.json").read_text())
-    spec["image"] = {"type": "cnn", "widths": [4, 8], "depths": [1, 1], "groups": 4}
+    spec["image"] = {"type": "cnn", "widths": [8, 8], "depths": [1, 1], "groups": 4}
     (tmp_path / "student.json").write_text(json.dumps(spec))
     section = StudentSection(
         nodes=("node1",),

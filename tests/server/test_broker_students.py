@@ -49,7 +49,7 @@ def agreeing_student(teacher, out):
 
 
 def random_student(teacher, out):
-    cnn = {"type": "cnn", "widths": [4, 8], "depths": [1, 1], "groups": 4}
+    cnn = {"type": "cnn", "widths": [8, 8], "depths": [1, 1], "groups": 4}
     return save_student(make_student(teacher, cnn), out)
 
 

@@ -50,7 +50,7 @@ def test_an_uncalibrated_student_takes_the_top_of_a_score_merge():
 
 def test_bench_compress_writes_the_contract(tiny_dataset: Path, tmp_path: Path):
     spec = json.loads(Path("common/model_configs/tiny.json").read_text())
-    spec["image"] = {"type": "cnn", "widths": [4, 8], "depths": [1, 1], "groups": 4}
+    spec["image"] = {"type": "cnn", "widths": [8, 8], "depths": [1, 1], "groups": 4}
     (tmp_path / "student.json").write_text(json.dumps(spec))
     student = tmp_path / "student"
     pruned = tmp_path / "pruned"
