@@ -22,7 +22,9 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m sims.cli demo --out $(OUT)
 
 test: setup browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+	# two workers, one test file each at a time; a worker that crashes (a segfault in a native
+	# library) fails the run at once and names its test: restarting it hung xdist with loadfile
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --max-worker-restart=0
 
 # The console's browser tests drive Debian's chromium (Playwright's own browser download
 # does not work here); installed only when missing. Without it those tests fail, loudly.
