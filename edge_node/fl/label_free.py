@@ -61,9 +61,8 @@ def train_label_free(
     crops = [by_path[p] for p in sorted(by_path)]  # embed_records' gallery order
     emb = embed_records(model, crops, bank=bank).gallery
     cams, stamps = [r.camera_id for r in crops], [r.timestamp_ms for r in crops]
-    mining = how.mining
-    tracklets = link_tracklets(cams, stamps, emb, mining)
-    mined = mine_identities(tracklets, cams, emb, mining, stamps, shared)
+    tracklets = link_tracklets(cams, stamps, emb, how.mining)
+    mined = mine_identities(tracklets, cams, emb, how.mining, stamps, shared)
     pseudo = mined.local
     keys = None
     if shared is not None and (mined.shared >= 0).any():  # joined: fixed positives
