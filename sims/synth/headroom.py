@@ -2,7 +2,9 @@
 
 1. the base model on held-out *source* identities (neutral cameras),
 2. the base model zero-shot on the shifted *target* test split, without and with per-camera
-   gray-world normalisation (the label-free baseline a learned gain must beat),
+   camera normalisation (gains + levels: the label-free baseline a learned gain must beat),
+   and with the stronger statistics matches of `sims.synth.sceptics` (hue alignment, colour
+   moments), so a loophole of the next kind shows in the same run,
 3. a centralised LoRA fine-tune (the default model's LoRA settings) on all nodes' target
    train data, evaluated on the same target test split.
 A useful benchmark has (3) well above (2) (the camera shift is real and learnable) and
@@ -20,6 +22,7 @@ from pathlib import Path
 from common.camera_norm import gallery_camera_norm
 from common.datasets import load_records
 from common.errors import DatasetError
+from sims.synth.sceptics import fit_sceptics
 
 log = logging.getLogger(__name__)
 KEYS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -60,7 +63,8 @@ def measure_headroom(
     test_recs = load_records(data_dir, split="test")
     if not train_recs or not test_recs:
         raise DatasetError(f"{data_dir}: needs non-empty train and test splits")
-    _, held = split_source(source_records(data_dir), holdout, seed)
+    sources = source_records(data_dir)
+    _, held = split_source(sources, holdout, seed)
     model = create_model(base_model)
     looks = _camera_looks(Path(data_dir))
     cache = TextFeatureCache(model.fingerprint)
@@ -73,6 +77,15 @@ def measure_headroom(
     out["target_zero_shot_camera_norm"] = _round(
         evaluate(model, test_recs, text_cache=cache, bank=normed)
     )
+    sceptic_r1 = {}
+    test_paths: dict[str, list[str]] = {}
+    for r in test_recs:
+        test_paths.setdefault(r.camera_id, []).append(r.image_path)
+    for name, match in fit_sceptics(test_paths, [r.image_path for r in sources]).items():
+        bank_s = ImageBank(test_recs, model.preprocess, match)
+        sceptic_r1[name] = round(
+            float(evaluate(model, test_recs, text_cache=cache, bank=bank_s)["R1"]), 2
+        )
     cams = sorted({r.camera_id for r in test_recs}) if per_camera else []
     by_cam = {c: [r for r in test_recs if r.camera_id == c] for c in cams}
 
@@ -113,10 +126,16 @@ def measure_headroom(
     recovered = out["target_zero_shot_camera_norm"]["R1"] - out["target_zero_shot"]["R1"]
     out["lora_gain_R1"] = round(gain, 2)
     out["camera_norm_gain_R1"] = round(recovered, 2)
+    zero = out["target_zero_shot"]["R1"]
+    out["sceptics_R1"] = sceptic_r1
+    strongest = max([recovered, *(r1 - zero for r1 in sceptic_r1.values())])
     out["acceptance"] = {
         "gain_at_least_12": gain >= 12.0,
         "camera_norm_recovers_at_most_a_third": recovered <= gain / 3,
         "not_saturated_below_90": out["centralised_lora"]["R1"] < 90.0,
+        # not issue 13's bar, the honesty check beside it: no label-free statistic we know of
+        # explains the gain either
+        "strongest_sceptic_recovers_at_most_a_third": strongest <= gain / 3,
     }
     return out
 

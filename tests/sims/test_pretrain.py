@@ -20,6 +20,7 @@ from sims.pretrain import (
     split_source,
 )
 from sims.synth import SynthConfig, generate
+from sims.synth.headroom import measure_headroom
 
 TINY = dict(model="tiny", epochs=2, batch_size=16, holdout=0.25)
 
@@ -108,3 +109,20 @@ def test_cli_pretrain_into_the_cache(data, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert str(tmp_path / "envcache") in out and "source test" in out
     assert len(list((tmp_path / "envcache" / "base-models").iterdir())) == 1
+
+
+def test_headroom_reports_every_label_free_baseline_beside_centralised_lora(data, tmp_path):
+    """The acceptance tool of the benchmark: camera norm and the sceptic's colour matches
+    are evaluated in the same run, and the honesty check is computed from them."""
+    pretrain(data, tmp_path / "base", PretrainConfig(**TINY), progress=False)
+    out = measure_headroom(data, tmp_path / "base", epochs=1, lr=1e-3)
+    assert set(out["sceptics_R1"]) == {"hue_turn", "hue_turn_person", "colour_moments"}
+    assert all(0.0 <= r1 <= 100.0 for r1 in out["sceptics_R1"].values())
+    zero, gain = out["target_zero_shot"]["R1"], out["lora_gain_R1"]
+    assert gain == round(out["centralised_lora"]["R1"] - zero, 2)
+    strongest = max(
+        [out["camera_norm_gain_R1"], *(r1 - zero for r1 in out["sceptics_R1"].values())]
+    )
+    check = out["acceptance"]["strongest_sceptic_recovers_at_most_a_third"]
+    assert check == (strongest <= gain / 3)
+    assert set(out["per_camera_R1"]) == {"c01", "c02"}
