@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="per-camera appearance shift")  # fmt: skip
     p.add_argument("--looks", choices=sorted(LOOK_SETS), default=d.looks,
                    help="v4 two lights + exposure (default), v3 CCTV faults, v2 one light, "
-                   "v5 hue turns")  # fmt: skip
+                   "v5 hue turns, v6 hue turns over vivid scenes")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=None, help="render processes (default: CPUs)")
     p.add_argument("--preview", type=Path, default=None, help="also write a contact sheet PNG")

@@ -18,6 +18,7 @@ from sims.synth.cameras import (
     LOOKS_V3,
     LOOKS_V4,
     LOOKS_V5,
+    LOOKS_V6,
     _hue_turn,
     apply_camera,
     make_camera_style,
@@ -185,3 +186,17 @@ def test_v5_hue_turns_keep_grey_and_move_colour_by_the_angle():
         (0, 1)
     )
     assert g > r and g > b  # a red jacket filmed green
+
+
+def test_v6_turns_hues_like_v5_over_a_vivid_scene_per_camera():
+    """v6 (not the default): v5's turns; each camera's scene colours are saturated and of
+    the look's own scene hue."""
+    import colorsys
+
+    for i, look in enumerate(LOOKS_V6):
+        style = make_camera_style(f"c{i:02d}", i, "strong", np.random.default_rng(i), "v6")
+        assert style.look == look and abs(style.hue - LOOKS_V6[look]["hue"]) <= 8.0
+        for rgb in style.bg_colours:
+            h, s, _ = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+            turned = (h * 360 - LOOKS_V6[look]["scene_hue"] + 180) % 360 - 180
+            assert s >= 0.5 and abs(turned) <= 16.0
