@@ -25,6 +25,7 @@ from common.errors import ConfigError, DatasetError
 from common.metrics import METRIC_KEYS
 from sims.simulation.serving import ServingSettings
 from sims.simulation.students import StudentSection, distil_students
+from sims.synth.sceptics import fit_colour_match
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -250,6 +251,17 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
         test_bank, train_norm = normed_bank, gallery_camera_norm(train_recs)
     del normed_bank
     stage("zero_shot_camera_norm", t0)
+    untrained = {"zero_shot": zero_shot, "zero_shot_camera_norm": zero_shot_norm}
+    sources = [r for r in records if r.split == "source"]
+    if sources:  # the sceptic's stronger colour baseline: each camera's colour mean and
+        # covariance matched to the source cameras' (docs/benchmark.md, "sceptics")
+        t0 = time.perf_counter()
+        match = ImageBank(test_recs, base.preprocess, fit_colour_match(test_recs, sources))
+        untrained["zero_shot_colour_match"] = evaluate(
+            base, test_recs, text_cache=text_cache, bank=match
+        )
+        del match
+        stage("zero_shot_colour_match", t0)
 
     t0 = time.perf_counter()
     text_cache_file = ""
@@ -372,7 +384,7 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
 
     report = build_report(
         cfg,
-        {"zero_shot": zero_shot, "zero_shot_camera_norm": zero_shot_norm},
+        untrained,
         federated,
         local,
         cent,

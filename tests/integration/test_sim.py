@@ -34,7 +34,8 @@ def test_report_has_every_contract_key_with_sane_values(mini_report) -> None:
     report, out = mini_report
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["methods"] == report["methods"]
-    for method in ("zero_shot", "zero_shot_camera_norm", "local_only", "federated", "centralized"):
+    methods = ("zero_shot", "zero_shot_camera_norm", "zero_shot_colour_match")
+    for method in (*methods, "local_only", "federated", "centralized"):
         m = on_disk["methods"][method]
         assert set(m) == {"R1", "R5", "R10", "mAP", "mINP"}
         assert all(0.0 <= v <= 100.0 and math.isfinite(v) for v in m.values())
@@ -44,7 +45,10 @@ def test_report_has_every_contract_key_with_sane_values(mini_report) -> None:
     assert att["baseline"] in ("zero_shot_camera_norm", "local_only_best")
     best = max(methods["zero_shot_camera_norm"]["R1"], methods["local_only_best"]["R1"])
     assert att["R1"] == pytest.approx(methods["federated"]["R1"] - best, abs=0.011)
-    assert "Attributable to federated learning" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "Attributable to federated learning" in md
+    beside = methods["federated"]["R1"] - methods["zero_shot_colour_match"]["R1"]
+    assert f"federated {beside:+.2f} Rank-1" in md
     comm = on_disk["communication"]
     assert comm["image_bytes_sent"] == 0
     assert 0 < comm["adapter_bytes_per_node_per_round"] < comm["full_model_bytes"] / 100
