@@ -305,6 +305,7 @@ class Broker:
             [(n, route.send[n.id], k) for n, k in zip(asked, per_node_k, strict=True)],
             node_request,
             query_id,
+            calls=self.registry.calls,
             send_until=deadline - margin_s,
             wait_until=deadline - margin_s / 2,
             clock=self._clock,

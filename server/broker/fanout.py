@@ -1,9 +1,10 @@
 """One Search sent to many nodes at once, all under one absolute deadline.
 
-Every call is started before any is waited on (gRPC futures), each with a timeout of the
-time left until `send_until`; the broker then waits until `wait_until` and cancels the
-stragglers, so a slow node costs the query at most its deadline, never more. What happened
-to each call becomes one `NodeOutcome` (ok, timed_out or failed, with the gRPC status).
+Every call is started before any is waited on, in one hop onto the broker's `grpc.aio`
+loop (`aio_calls.py`), each with a timeout of the time left until `send_until`; the broker
+then waits until `wait_until` and cancels the stragglers, so a slow node costs the query at
+most its deadline, never more. What happened to each call becomes one `NodeOutcome` (ok,
+timed_out or failed, with the gRPC status).
 
 With many nodes the deadline alone lets the slowest node set every query's latency (Dean
 and Barroso, "The Tail at Scale"). `AdaptiveWait` is Vespa's answer
@@ -17,11 +18,13 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import grpc
 
 from protos import broker_pb2, node_pb2
+from server.broker.aio_calls import AioCalls, SearchCall
 from server.broker.registry import NodeClient, NodeRegistry
 
 Clock = Callable[[], float]
@@ -32,7 +35,7 @@ class NodeCall:
     """One in-flight node Search."""
 
     node: NodeClient
-    future: grpc.Future | None  # None: not sent, no time was left
+    future: Future | None  # None: not sent, no time was left
     started: float
 
 
@@ -71,49 +74,50 @@ def fan_out(
     request: node_pb2.SearchRequest,
     query_id: str,
     *,
+    calls: AioCalls,
     send_until: float,
     wait_until: float,
     clock: Clock,
     adaptive: AdaptiveWait | None = None,
     started: float | None = None,
 ) -> FanOut:
-    """Send `request` to each (node, its cameras, hits to ask it for), in order; wait;
-    cancel what is late."""
-    calls = {
-        node.id: send(node, request, cameras, query_id, send_until, clock, k=k)
-        for node, cameras, k in sends
-    }
-    cut_at = wait(list(calls.values()), wait_until, clock, adaptive=adaptive, started=started)
-    return FanOut(calls, cut_at)
-
-
-def send(
-    node: NodeClient,
-    request: node_pb2.SearchRequest,
-    camera_ids: list[str],
-    query_id: str,
-    until: float,
-    clock: Clock,
-    *,
-    k: int | None = None,
-) -> NodeCall:
+    """Send `request` to each (node, its cameras, hits to ask it for), all in one hop onto
+    the call loop; wait; cancel what is late."""
     now = clock()
-    timeout = until - now
-    if timeout <= 0:
-        return NodeCall(node, None, now)
+    timeout = send_until - now
+    if timeout <= 0:  # nothing left to send with
+        sent = {node.id: NodeCall(node, None, now) for node, _, _ in sends}
+    else:
+        prepared = [
+            SearchCall(node.id, node_request(request, cameras, k), timeout, node.metadata(query_id))
+            for node, cameras, k in sends
+        ]
+        futures = calls.search(prepared)
+        sent = {
+            node.id: NodeCall(node, future, now)
+            for (node, _, _), future in zip(sends, futures, strict=True)
+        }
+    cut_at = wait(list(sent.values()), wait_until, clock, adaptive=adaptive, started=started)
+    return FanOut(sent, cut_at)
+
+
+def node_request(
+    request: node_pb2.SearchRequest, camera_ids: list[str], k: int | None = None
+) -> node_pb2.SearchRequest:
+    """`request` for one node: only its own cameras, and fewer hits at scale (a copy only
+    when either differs)."""
     own_cameras = list(request.filters.camera_ids) != camera_ids
     own_k = k is not None and k != request.k
-    if own_cameras or own_k:  # only this node's own cameras; fewer hits at scale
-        own = node_pb2.SearchRequest()
-        own.CopyFrom(request)
-        if own_cameras:
-            del own.filters.camera_ids[:]
-            own.filters.camera_ids.extend(camera_ids)
-        if own_k:
-            own.k = k
-        request = own
-    future = node.stub.Search.future(request, timeout=timeout, metadata=node.metadata(query_id))
-    return NodeCall(node, future, now)
+    if not (own_cameras or own_k):
+        return request
+    own = node_pb2.SearchRequest()
+    own.CopyFrom(request)
+    if own_cameras:
+        del own.filters.camera_ids[:]
+        own.filters.camera_ids.extend(camera_ids)
+    if own_k:
+        own.k = k
+    return own
 
 
 def wait(

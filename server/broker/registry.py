@@ -19,11 +19,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import node_pb2, node_pb2_grpc
+from server.broker.aio_calls import AioCalls
 from server.broker.config import BrokerConfig, NodeEntry
 
 log = logging.getLogger(__name__)
@@ -60,10 +62,12 @@ def channel_options(config: BrokerConfig) -> list[tuple[str, object]]:
     ]
 
 
-def open_channel(entry: NodeEntry, config: BrokerConfig) -> grpc.Channel:
+def open_channel(entry: NodeEntry, config: BrokerConfig, api=grpc):
+    """A channel to `entry`: `api` is `grpc` (sync: health checks, Status, thumbnails) or
+    `grpc.aio` (the Search fan-out, opened on its loop); the same options and credentials."""
     options = channel_options(config)
     if entry.tls is None:
-        return grpc.insecure_channel(entry.address, options=options)
+        return api.insecure_channel(entry.address, options=options)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=entry.tls.read("ca"),
         private_key=entry.tls.read("key"),
@@ -71,7 +75,7 @@ def open_channel(entry: NodeEntry, config: BrokerConfig) -> grpc.Channel:
     )
     if entry.tls.server_name:
         options.append(("grpc.ssl_target_name_override", entry.tls.server_name))
-    return grpc.secure_channel(entry.address, credentials, options=options)
+    return api.secure_channel(entry.address, credentials, options=options)
 
 
 @dataclass
@@ -123,6 +127,8 @@ class NodeRegistry:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
         self._nodes = {entry.id: NodeClient(entry, config) for entry in config.nodes}
+        # the Search fan-out's channels, on one asyncio loop (server/broker/aio_calls.py)
+        self.calls = AioCalls(config.nodes, partial(open_channel, config=config, api=grpc.aio))
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -257,5 +263,6 @@ class NodeRegistry:
         if self._thread is not None:
             self._thread.join(timeout=self.config.health_timeout_s + 1)
             self._thread = None
+        self.calls.close()
         for node in self._nodes.values():
             node.channel.close()
