@@ -93,8 +93,10 @@ class AioCalls:
             future.add_done_callback(partial(self._cancel_task, task))
 
     def _cancel_task(self, task: asyncio.Task, future: Future) -> None:
-        if future.cancelled():  # called on the broker's thread: the RPC is cancelled there
-            self._loop.call_soon_threadsafe(task.cancel)
+        """The broker cancelled `future` (on its own thread): cancel the RPC on the loop."""
+        if future.cancelled():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: so is the channel
+                self._loop.call_soon_threadsafe(task.cancel)
 
     def close(self) -> None:
         """Close every channel (cancelling calls still in flight), then stop the loop."""
