@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from types import ModuleType
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -62,7 +63,9 @@ def channel_options(config: BrokerConfig) -> list[tuple[str, object]]:
     ]
 
 
-def open_channel(entry: NodeEntry, config: BrokerConfig, api=grpc):
+def open_channel(
+    entry: NodeEntry, config: BrokerConfig, api: ModuleType = grpc
+) -> grpc.Channel | grpc.aio.Channel:
     """A channel to `entry`: `api` is `grpc` (sync: health checks, Status, thumbnails) or
     `grpc.aio` (the Search fan-out, opened on its loop); the same options and credentials."""
     options = channel_options(config)
