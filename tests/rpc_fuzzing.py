@@ -48,7 +48,10 @@ SHORT_TEXT = st.text(max_size=40)
 STRINGS = st.one_of(
     SHORT_TEXT,
     st.lists(st.one_of(HOSTILE, SHORT_TEXT), max_size=6).map("".join),
-    st.builds(lambda c, n: c * n, st.characters(), st.integers(0, 200_000)),
+    # utf-8 only: a lone surrogate cannot be put in a protobuf string at all (the test's own
+    # message constructor raised UnicodeEncodeError, about 1 example in 3,000); invalid
+    # UTF-8 on the wire is what RAW covers
+    st.builds(lambda c, n: c * n, st.characters(codec="utf-8"), st.integers(0, 200_000)),
 )
 FLOATS = st.one_of(
     st.floats(width=32, allow_nan=True, allow_infinity=True),
