@@ -268,8 +268,8 @@ def make_camera_style(
             crop=params.get("crop", "normal") if strength >= 0.5 else "normal",
             occlusion=params.get("occlusion", -1.0),
         )
-    if looks in ("v5", "v6"):
-        v3["hue"] = strength * params.get("hue", 0.0) + float(rng.uniform(-8.0, 8.0))
+    if "hue" in params:
+        v3["hue"] = strength * params["hue"] + float(rng.uniform(-8.0, 8.0))
     if "scene_hue" in params:
         bg = tuple(_vivid(params["scene_hue"] + float(rng.uniform(-15, 15)), rng) for _ in range(3))
     return CameraStyle(
@@ -384,7 +384,7 @@ def apply_camera(
             style.cast, style.split_cast, style.split_axis, rng, w if style.split_axis == "x" else h
         )
     if abs(style.hue) > 0.5:
-        x = np.clip(x, 0.0, None) @ _hue_turn(style.hue).T
+        x = np.clip(x, 0.0, None) @ turn_about_grey(style.hue).astype(np.float32).T
     if style.nir > 0:
         grey = x @ np.array([0.4, 0.4, 0.2], np.float32)
         glow = 0.25 + 0.75 * np.clip(grey, 0, 1) ** 0.7  # dark dyes reflect NIR: little contrast
@@ -449,12 +449,13 @@ def _split_light(
     return m[None, :, :] if axis == "x" else m[:, None, :]
 
 
-def _hue_turn(degrees: float) -> np.ndarray:
-    """The 3x3 rotation about the grey axis (1, 1, 1) by `degrees` (Rodrigues)."""
+def turn_about_grey(degrees: float) -> np.ndarray:
+    """The 3x3 rotation about the grey axis (1, 1, 1) by `degrees` (Rodrigues), float64:
+    grey stays grey. v5/v6 render with it; the hue-alignment baseline undoes it."""
     k = np.full(3, 1.0 / np.sqrt(3.0))
     kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
     t = np.deg2rad(degrees)
-    return (np.eye(3) + np.sin(t) * kx + (1 - np.cos(t)) * kx @ kx).astype(np.float32)
+    return np.eye(3) + np.sin(t) * kx + (1 - np.cos(t)) * kx @ kx
 
 
 def _foreshorten(

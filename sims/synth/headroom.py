@@ -78,10 +78,7 @@ def measure_headroom(
         evaluate(model, test_recs, text_cache=cache, bank=normed)
     )
     sceptic_r1 = {}
-    test_paths: dict[str, list[str]] = {}
-    for r in test_recs:
-        test_paths.setdefault(r.camera_id, []).append(r.image_path)
-    for name, match in fit_sceptics(test_paths, [r.image_path for r in sources]).items():
+    for name, match in fit_sceptics(test_recs, sources).items():
         bank_s = ImageBank(test_recs, model.preprocess, match)
         sceptic_r1[name] = round(
             float(evaluate(model, test_recs, text_cache=cache, bank=bank_s)["R1"]), 2

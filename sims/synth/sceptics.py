@@ -28,6 +28,7 @@ from PIL import Image
 
 from common.datasets import Record
 from common.preprocess import load_image
+from sims.synth.cameras import turn_about_grey
 
 GREY = np.full(3, 1.0 / np.sqrt(3.0))
 _E1 = np.array([1.0, -1.0, 0.0]) / np.sqrt(2.0)
@@ -77,13 +78,6 @@ def hue_histogram(pixels: np.ndarray) -> np.ndarray:
     return hist / max(float(hist.sum()), 1e-12)
 
 
-def turn_about_grey(degrees: float) -> np.ndarray:
-    """The 3x3 rotation about the grey axis by `degrees` (Rodrigues); grey stays grey."""
-    k = np.array([[0, -GREY[2], GREY[1]], [GREY[2], 0, -GREY[0]], [-GREY[1], GREY[0], 0]])
-    t = np.deg2rad(degrees)
-    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
-
-
 def hue_turn_estimate(pixels: np.ndarray, source: np.ndarray) -> float:
     """The turn in degrees that takes `source`'s hue histogram onto `pixels`'s."""
     cam, src = hue_histogram(pixels), hue_histogram(source)
@@ -121,14 +115,24 @@ def fit_moment_match(camera_pixels: Mapping[str, np.ndarray], source: np.ndarray
     )
 
 
-def fit_sceptics(
-    camera_paths: Mapping[str, Iterable[str]], source_paths: Sequence[str]
-) -> dict[str, ColourMatch]:
-    """Every baseline of this module, fitted on each camera's images against the source's."""
-    cams = {c: sorted(set(p)) for c, p in camera_paths.items()}
+def _paths_by_camera(records: Iterable[Record]) -> dict[str, list[str]]:
+    paths: dict[str, set[str]] = {}
+    for r in records:
+        paths.setdefault(r.camera_id, set()).add(r.image_path)
+    return {c: sorted(p) for c, p in paths.items()}
+
+
+def _source_paths(sources: Iterable[Record]) -> list[str]:
+    return sorted({r.image_path for r in sources})
+
+
+def fit_sceptics(records: Iterable[Record], sources: Iterable[Record]) -> dict[str, ColourMatch]:
+    """Every baseline of this module, fitted on each camera's crops of `records` against the
+    `sources` crops (the cameras the base model was trained on)."""
+    cams, src_paths = _paths_by_camera(records), _source_paths(sources)
     whole = {c: sample_pixels(p) for c, p in cams.items()}
     person = {c: sample_pixels(p, person=True) for c, p in cams.items()}
-    src, src_person = sample_pixels(source_paths), sample_pixels(source_paths, person=True)
+    src, src_person = sample_pixels(src_paths), sample_pixels(src_paths, person=True)
     return {
         "hue_turn": fit_hue_alignment(whole, src),
         "hue_turn_person": fit_hue_alignment(person, src_person),
@@ -137,10 +141,7 @@ def fit_sceptics(
 
 
 def fit_colour_match(records: Iterable[Record], sources: Iterable[Record]) -> ColourMatch:
-    """`colour_moments` for a gallery: each camera of `records` matched to the colour mean
-    and covariance of the `sources` crops (the cameras the base model was trained on)."""
-    paths: dict[str, set[str]] = {}
-    for r in records:
-        paths.setdefault(r.camera_id, set()).add(r.image_path)
-    src = sample_pixels(sorted({r.image_path for r in sources}))
-    return fit_moment_match({c: sample_pixels(sorted(p)) for c, p in paths.items()}, src)
+    """`colour_moments` alone (what the simulation report carries)."""
+    cams = _paths_by_camera(records)
+    src = sample_pixels(_source_paths(sources))
+    return fit_moment_match({c: sample_pixels(p) for c, p in cams.items()}, src)

@@ -19,9 +19,9 @@ from sims.synth.cameras import (
     LOOKS_V4,
     LOOKS_V5,
     LOOKS_V6,
-    _hue_turn,
     apply_camera,
     make_camera_style,
+    turn_about_grey,
 )
 
 TINY = dict(
@@ -173,7 +173,7 @@ def test_v4_exposure_curves_are_not_gains():
 
 def test_v5_hue_turns_keep_grey_and_move_colour_by_the_angle():
     """v5 (not the default): a turn about the grey axis, which no gain or level undoes."""
-    turn = _hue_turn(120.0)
+    turn = turn_about_grey(120.0)
     assert np.allclose(turn @ np.ones(3), np.ones(3), atol=1e-6)  # grey stays grey
     assert np.allclose(turn @ turn.T, np.eye(3), atol=1e-6)  # a rotation: nothing lost
     assert np.allclose(turn @ np.array([1.0, 0.0, 0.0]), [0.0, 1.0, 0.0], atol=1e-6)  # R -> G

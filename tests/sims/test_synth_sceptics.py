@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from common.datasets import Record
+from sims.synth.cameras import turn_about_grey
 from sims.synth.sceptics import (
     ColourMatch,
     fit_hue_alignment,
     fit_moment_match,
     fit_sceptics,
     hue_turn_estimate,
-    turn_about_grey,
 )
 
 
@@ -64,7 +67,10 @@ def test_fit_sceptics_on_files_recovers_a_turned_camera(tmp_path):
             path = tmp_path / f"{cam}_{i}.png"
             Image.fromarray(np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)).save(path)
             paths[cam].append(str(path))
-    fitted = fit_sceptics({"c01": paths["c01"]}, paths["src"])
+    fitted = fit_sceptics(
+        [Record(Path(p), ("a person",), i, camera_id="c01") for i, p in enumerate(paths["c01"])],
+        [Record(Path(p), ("a person",), i, camera_id="s01") for i, p in enumerate(paths["src"])],
+    )
     assert set(fitted) == {"hue_turn", "hue_turn_person", "colour_moments"}
     for name in ("hue_turn", "hue_turn_person"):
         a = fitted[name].maps["c01"][0]
