@@ -23,6 +23,7 @@ from common.config import from_dict, load_toml
 from common.datasets import Record, load_records, read_dataset
 from common.errors import ConfigError, DatasetError
 from common.metrics import METRIC_KEYS
+from sims.pretrain import PretrainConfig, ensure_base_model
 from sims.simulation.serving import ServingSettings
 from sims.simulation.students import StudentSection, distil_students
 from sims.synth.sceptics import fit_colour_match
@@ -46,8 +47,8 @@ class DataSection:
 class BaseSection:
     model: str = "default"  # config pretrained on the source split, or a ready model dir
     pretrain: bool = True  # False: use `model` as it is (e.g. a real CLIP)
-    epochs: int = 12
-    lr: float = 5e-4  # measured best for pretraining the CNN tower (docs/benchmark.md)
+    epochs: int = PretrainConfig.epochs  # one recipe: `fedretrieve pretrain`'s
+    lr: float = PretrainConfig.lr
 
 
 @dataclass(frozen=True)
@@ -189,8 +190,6 @@ def base_model_spec(cfg: SimConfig, data_dir: Path, cache_dir: Path, *, progress
     `[base] pretrain`, else the named model as is."""
     if not cfg.base.pretrain:
         return cfg.base.model
-    from sims.pretrain import ensure_base_model
-
     return str(
         ensure_base_model(
             data_dir,
