@@ -13,6 +13,7 @@ from torch import nn
 from common.datasets import Record
 from common.metrics import rank_gallery, retrieval_metrics
 from common.model import eval_mode
+from common.prefix_cache import image_features_fn
 from common.train import ImageBank, TextFeatureCache, core_model, text_tower_frozen
 
 
@@ -43,8 +44,9 @@ def embed_records(
     device = core.logit_scale.device
     gal = []
     with eval_mode(model):
+        image_features = image_features_fn(core, bank, device)  # a frozen prefix: cached
         for i in range(0, len(idx), batch_size):
-            feats = core.image_features(bank.batch(idx[i : i + batch_size], device))
+            feats = image_features(idx[i : i + batch_size], None)
             gal.append(F.normalize(feats.float(), dim=-1).cpu())
         texts = [c for r in records for c in r.captions]
         q_ids = [r.person_id for r in records for _ in r.captions]

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from common.datasets import Record
 from common.errors import ConfigError
+from common.prefix_cache import image_features_fn
 from common.pseudo_captions import PseudoCaptions
 from common.train import ImageBank, TrainConfig, TrainResult, core_model, cosine_schedule
 
@@ -168,6 +169,7 @@ def self_train(
         if len(start_rows) != len(records):
             raise ConfigError("self-training: one feature row per record for the cluster term")
         memory = CentroidMemory(start_rows.float(), ids, weights.momentum)
+    image_features = image_features_fn(core, bank, device)  # a frozen prefix: cached
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(len(records) / cfg.batch_size) * cfg.epochs
@@ -179,8 +181,7 @@ def self_train(
     for _epoch in range(cfg.epochs):
         total, seen = 0.0, 0
         for batch in _batches(ids, cfg.batch_size, gen):
-            px = bank.batch(idx[batch], device)
-            img = F.normalize(core.image_features(px), dim=-1)
+            img = F.normalize(image_features(idx[batch], None), dim=-1)
             batch_ids = ids[batch].to(device)
             in_batch = None
             if key_rows is not None and key_ids is not None:

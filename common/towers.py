@@ -272,15 +272,54 @@ class EfficientNetLiteTower(nn.Module):
                 module.eval()
         return self
 
-    def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(n, 1280, H/32, W/32): the head's activations, before pooling."""
-        x = self.act(self._bn0(self._conv_stem(self._stem_pad(pixels))))
-        for block in self._blocks:
-            x = block(x)
+    # ---- stages, for common.prefix_cache: 0 is the stem, 1-16 the blocks; the head last
+    def _stages(self) -> list[list[nn.Module]]:
+        return [[self._conv_stem, self._bn0], *([block] for block in self._blocks)]
+
+    def frozen_depth(self) -> int:
+        """Leading stages in which nothing requires grad: their output for a crop is fixed
+        (BatchNorm in eval, no dropout), so it can be computed once and cached."""
+        depth = 0
+        for modules in self._stages():
+            if any(p.requires_grad for m in modules for p in m.parameters()):
+                break
+            depth += 1
+        return depth
+
+    def prefix_state(self, depth: int) -> list[tuple[str, torch.Tensor]]:
+        """Parameters and buffers of the first `depth` stages (what their output depends on)."""
+        return [
+            (f"{i}.{name}", tensor)
+            for i, modules in enumerate(self._stages()[:depth])
+            for m in modules
+            for name, tensor in [*m.named_parameters(), *m.named_buffers()]
+        ]
+
+    def run_prefix(self, pixels: torch.Tensor, depth: int) -> torch.Tensor:
+        """The first `depth` stages' output."""
+        return self._run_stages(pixels, 0, depth)
+
+    def _run_stages(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for i in range(start, stop):
+            x = (
+                self.act(self._bn0(self._conv_stem(self._stem_pad(x))))
+                if i == 0
+                else self._blocks[i - 1](x)
+            )
+        return x
+
+    def feature_map(self, pixels: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """(n, 1280, H/32, W/32): the head's activations, before pooling; from stage
+        `start` on when `pixels` is already a prefix's output (`run_prefix`)."""
+        x = self._run_stages(pixels, start, 1 + len(self._blocks))
         return self.act(self._bn1(self._conv_head(x)))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.feature_map(pixels)
+        return self.forward_from(pixels, 0)
+
+    def forward_from(self, h: torch.Tensor, depth: int) -> torch.Tensor:
+        """The pooled features, given the first `depth` stages' output `h`."""
+        x = self.feature_map(h, depth)
         pooled = [x.mean(dim=(2, 3)), x.amax(dim=(2, 3))]
         if self.stripes:
             bands = nn.functional.adaptive_avg_pool2d(x, (self.stripes, 1))

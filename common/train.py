@@ -29,6 +29,7 @@ from common.camera_norm import CameraNorm
 from common.datasets import Record
 from common.errors import ConfigError
 from common.model import DualEncoder, eval_mode
+from common.prefix_cache import PrefixCache, image_features_fn
 from common.preprocess import PreprocessCfg, load_image, normalize_uint8, resize_uint8
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class ImageBank:
             if arrays
             else torch.empty(0, h, w, 3, dtype=torch.uint8)
         )
+        # a frozen image-tower prefix's activations of these crops (common.prefix_cache)
+        self.prefix_cache = PrefixCache(len(paths))
 
     def batch(self, idx: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         return normalize_uint8(self.pixels[idx].to(device), self.cfg)
@@ -252,6 +255,7 @@ def train(
         text_cache = text_cache or TextFeatureCache(core.fingerprint)
         text_feats = text_cache.get(core, captions).to(device)
 
+    image_features = image_features_fn(core, bank, device)  # reuses a frozen prefix's output
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else cfg.max_steps
@@ -280,12 +284,9 @@ def train(
                 batch = order[s : s + cfg.batch_size]
                 if len(batch) < 2:
                     continue
-                px = bank.batch(img_idx[batch], device)
-                if cfg.hflip:
-                    flip = torch.rand(len(batch), generator=gen) < 0.5
-                    px[flip.to(device)] = px[flip.to(device)].flip(-1)
+                flip = torch.rand(len(batch), generator=gen) < 0.5 if cfg.hflip else None
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    img = F.normalize(core.image_features(px), dim=-1)
+                    img = F.normalize(image_features(img_idx[batch], flip), dim=-1)
                     if cached:
                         txt = core.text_proj(text_feats[batch])
                     else:
