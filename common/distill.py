@@ -174,7 +174,7 @@ def distill(
     use_text = cfg.text_weight > 0 and any(c is not None for c in caption_of)
     if use_text:
         captioned = [i for i, c in enumerate(caption_of) if c is not None]
-        cache = text_cache or TextFeatureCache(teacher.fingerprint)
+        cache = TextFeatureCache.for_model(teacher, text_cache)
         feats = cache.get(teacher, [caption_of[i] for i in captioned])
         text_feats = torch.zeros(n, feats.shape[1])
         text_feats[captioned] = feats

@@ -51,7 +51,7 @@ def embed_records(
         texts = [c for r in records for c in r.captions]
         q_ids = [r.person_id for r in records for _ in r.captions]
         if text_tower_frozen(core):
-            cache = text_cache or TextFeatureCache(core.fingerprint)
+            cache = TextFeatureCache.for_model(core, text_cache)
             feats = core.text_proj(cache.get(core, texts).to(device))
             queries = F.normalize(feats.float(), dim=-1).cpu()
         else:

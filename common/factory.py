@@ -107,8 +107,13 @@ def create_model(
         from common.lora import merge_adapter
 
         peft_model = load_adapter(model, adapter)
+        text_adapted = any(
+            "lora_" in n or "modules_to_save" in n
+            for n, _ in peft_model.get_base_model().text_tower.named_parameters()
+        )
         merged = merge_adapter(peft_model)
         merged.version = peft_model.fedretrieve_manifest.model_version
+        merged.text_adapter_version = merged.version if text_adapted else ""
         return merged
     return model
 

@@ -45,9 +45,18 @@ class DualEncoder(nn.Module):
         self.spec = spec  # the resolved model config, saved with the model
         self.fingerprint = ""  # set by the factory: identifies architecture + base weights
         self.version = ""  # set by the factory: fingerprint plus adapter, if any
+        # set by the factory when a merged adapter changed the text tower (see text_fingerprint)
+        self.text_adapter_version = ""
         # a distilled student: its teacher's record (common.distill.teacher_record); the
         # teacher's query vectors search this model's index
         self.teacher: dict = {}
+
+    @property
+    def text_fingerprint(self) -> str:
+        """Identifies the text tower's weights: the key of cached caption features
+        (common.train.TextFeatureCache). The base fingerprint, unless a merged adapter
+        changed the text tower: features cached for the base model are then not this one's."""
+        return self.text_adapter_version or self.fingerprint
 
     @property
     def query_version(self) -> str:

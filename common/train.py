@@ -173,11 +173,19 @@ class TextFeatureCache:
             log.warning("text feature cache %s unreadable (%s); not used", path, exc)
         return cache
 
+    @classmethod
+    def for_model(cls, model: DualEncoder, cache: TextFeatureCache | None) -> TextFeatureCache:
+        """`cache` if it holds this model's caption features, else a new, empty one: a model
+        with a merged text adapter shares the base fingerprint but not the base's features."""
+        if cache is not None and cache.fingerprint == model.text_fingerprint:
+            return cache
+        return cls(model.text_fingerprint)
+
     def get(
         self, model: DualEncoder, captions: Sequence[str], batch_size: int = 128
     ) -> torch.Tensor:
-        if model.fingerprint != self.fingerprint:
-            raise ValueError("TextFeatureCache used with another base model")
+        if model.text_fingerprint != self.fingerprint:
+            raise ValueError("TextFeatureCache used with another text tower")
         todo = list(dict.fromkeys(c for c in captions if c not in self.features))
         # similar lengths per batch: padding to the longest caption was ~40% of the work
         todo.sort(key=len)
@@ -252,7 +260,7 @@ def train(
     pids = torch.tensor([pid for _, _, pid in pairs])
     cached = text_tower_frozen(core)
     if cached:
-        text_cache = text_cache or TextFeatureCache(core.fingerprint)
+        text_cache = TextFeatureCache.for_model(core, text_cache)
         text_feats = text_cache.get(core, captions).to(device)
 
     image_features = image_features_fn(core, bank, device)  # reuses a frozen prefix's output

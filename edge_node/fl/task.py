@@ -436,7 +436,7 @@ class NodeTrainer:
     def _cache(self, model, settings: NodeFlSettings):
         from common.train import TextFeatureCache, core_model
 
-        fingerprint = core_model(model).fingerprint
+        fingerprint = core_model(model).text_fingerprint
         if self._text_cache is None or self._text_cache.fingerprint != fingerprint:
             self._text_cache = TextFeatureCache.load(settings.text_cache, fingerprint)
         return self._text_cache

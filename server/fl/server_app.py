@@ -169,7 +169,7 @@ class RoundRecorder:
 
                 norm = gallery_camera_norm(self.records)
             self.bank = ImageBank(self.records, core.preprocess, norm)
-            self.text_cache = TextFeatureCache.load(self.cfg.text_cache, core.fingerprint)
+            self.text_cache = TextFeatureCache.load(self.cfg.text_cache, core.text_fingerprint)
         metrics = evaluate(self.model, self.records, text_cache=self.text_cache, bank=self.bank)
         return MetricRecord({k: float(metrics[k]) for k in ("R1", "R5", "R10", "mAP", "mINP")})
 

@@ -92,7 +92,7 @@ def _prepare(args):
     base_spec = base_model_spec(cfg, data_dir, cache, progress=False)
     base = create_model(base_spec)
     records = load_records(data_dir)
-    text_cache = TextFeatureCache(base.fingerprint)
+    text_cache = TextFeatureCache(base.text_fingerprint)
     text_cache.get(base, [c for r in records for c in r.captions])
     text_file = str(text_cache.save(work / "text-features.pt"))
     return cfg, work, data_dir, base_spec, records, text_file
@@ -274,7 +274,7 @@ def membership_inference(base_spec, records, node, cfg, args, noises, text_file)
     held_out = [held_out[i] for i in sorted(rng.choice(len(held_out), n, replace=False))]
     model = create_lora_model(base_spec)
     core = core_model(model)
-    cache = TextFeatureCache.load(text_file, core.fingerprint)
+    cache = TextFeatureCache.load(text_file, core.text_fingerprint)
     bank = ImageBank(members + held_out, core.preprocess)
     base_state = get_adapter_state(model)
     before = _losses(model, members + held_out, cache, bank)

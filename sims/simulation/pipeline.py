@@ -240,7 +240,7 @@ def run_sim(cfg: SimConfig, out: Path, cache_dir: Path, *, progress: bool = True
     stage("base_model", t0)
 
     t0 = time.perf_counter()
-    text_cache = TextFeatureCache(base.fingerprint)
+    text_cache = TextFeatureCache(base.text_fingerprint)
     test_bank = ImageBank(test_recs, base.preprocess)
     zero_shot = evaluate(base, test_recs, text_cache=text_cache, bank=test_bank)
     stage("zero_shot", t0)

@@ -67,7 +67,7 @@ def measure_headroom(
     _, held = split_source(sources, holdout, seed)
     model = create_model(base_model)
     looks = _camera_looks(Path(data_dir))
-    cache = TextFeatureCache(model.fingerprint)
+    cache = TextFeatureCache(model.text_fingerprint)
     bank = ImageBank(test_recs, model.preprocess)
     out: dict = {"model": model.version, "data": str(data_dir)}
     out["source_test"] = _round(evaluate(model, held, text_cache=cache))

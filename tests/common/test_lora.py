@@ -190,3 +190,32 @@ def test_save_adapter_replaces_atomically(tmp_path) -> None:
     assert first.adapter_fingerprint != second.adapter_fingerprint
     assert read_manifest(tmp_path / "a").adapter_fingerprint == second.adapter_fingerprint
     assert [x.name for x in tmp_path.iterdir()] == ["a"]  # no temp dirs left behind
+
+
+def test_merged_text_adapter_never_reads_the_base_caption_cache(tmp_path) -> None:
+    """A merged model keeps the base fingerprint (its adapters stay compatible), but its text
+    tower is not the base's: caption features cached for the base must not answer for it."""
+    from common.train import TextFeatureCache
+
+    texts = ["a man in a grey jacket", "a woman in a red dress"]
+    base = create_model("tiny")  # its LoRA targets include text-attention
+    base_cache = TextFeatureCache(base.text_fingerprint)
+    base_feats = base_cache.get(base, texts)
+    peft_model = attach_lora(create_model("tiny"))
+    perturb(peft_model)
+    save_adapter(peft_model, tmp_path / "adapter")
+    merged = create_model("tiny", adapter=tmp_path / "adapter")
+    assert merged.fingerprint == base.fingerprint and merged.text_fingerprint != base.fingerprint
+    with pytest.raises(ValueError, match="another text tower"):
+        base_cache.get(merged, texts)
+    own = TextFeatureCache.for_model(merged, base_cache)
+    assert own is not base_cache and not torch.allclose(own.get(merged, texts), base_feats)
+    with torch.no_grad():
+        assert torch.allclose(own.get(merged, texts), merged.text_backbone(texts), atol=1e-5)
+
+    # an adapter that leaves the text tower alone: the base's cache still fits
+    image_only = attach_lora(create_model("tiny"), LoraSettings(targets=("image-conv",)))
+    perturb(image_only)
+    save_adapter(image_only, tmp_path / "image-only")
+    merged_image = create_model("tiny", adapter=tmp_path / "image-only")
+    assert TextFeatureCache.for_model(merged_image, base_cache) is base_cache
