@@ -276,6 +276,10 @@ class EfficientNetLiteTower(nn.Module):
     def _stages(self) -> list[list[nn.Module]]:
         return [[self._conv_stem, self._bn0], *([block] for block in self._blocks)]
 
+    def stage_count(self) -> int:
+        """Stem + blocks: the depths a prefix can have."""
+        return len(self._stages())
+
     def frozen_depth(self) -> int:
         """Leading stages in which nothing requires grad: their output for a crop is fixed
         (BatchNorm in eval, no dropout), so it can be computed once and cached."""

@@ -49,6 +49,7 @@ class BaseSection:
     pretrain: bool = True  # False: use `model` as it is (e.g. a real CLIP)
     epochs: int = PretrainConfig.epochs  # one recipe: `fedretrieve pretrain`'s
     lr: float = PretrainConfig.lr
+    frozen_image_stages: int = PretrainConfig.frozen_image_stages
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,7 @@ def base_model_spec(cfg: SimConfig, data_dir: Path, cache_dir: Path, *, progress
             model=cfg.base.model,
             epochs=cfg.base.epochs,
             lr=cfg.base.lr,
+            frozen_image_stages=cfg.base.frozen_image_stages,
             seed=cfg.seed,
         )
     )

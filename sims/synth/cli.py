@@ -59,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--epochs", type=int, default=d2.epochs)
     q.add_argument("--lr", type=float, default=d2.lr)
     q.add_argument("--batch-size", type=int, default=d2.batch_size)
+    q.add_argument("--frozen-image-stages", type=int, default=d2.frozen_image_stages,
+                   help="leading image-tower stages kept at their ImageNet start "
+                   "(EfficientNet-Lite; 0: train the whole tower)")  # fmt: skip
     q.add_argument("--holdout", type=float, default=d2.holdout,
                    help="source identities held out for the source-test figures")  # fmt: skip
     q.add_argument("--seed", type=int, default=d2.seed)
@@ -108,6 +111,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
+        frozen_image_stages=args.frozen_image_stages,
         holdout=args.holdout,
         seed=args.seed,
     )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.datasets import load_records
-from common.errors import DatasetError
+from common.errors import ConfigError, DatasetError
 from common.factory import create_model
 from sims.pretrain import (
     REPORT_FILE,
@@ -63,6 +63,27 @@ def test_pretrain_trains_the_image_side_and_saves_a_loadable_model(data, tmp_pat
     ):
         assert torch.equal(a, b), f"text tower must stay frozen: {name} changed"
     assert base.encode_text(["a man in a red coat"]).shape == (1, base.embed_dim)
+
+
+def test_frozen_image_stages_keep_their_start_weights(data, tmp_path):
+    """`frozen_image_stages` keeps the stem and the first blocks at their start (ImageNet in
+    `default`) and trains the rest; the frozen part is then computed once per crop."""
+    cfg = PretrainConfig(**{**TINY, "model": "tiny-effnet", "frozen_image_stages": 2})
+    pretrain(data, tmp_path / "base", cfg, progress=False)
+    init, base = create_model("tiny-effnet"), create_model(tmp_path / "base")
+    stages_init, stages_base = init.image_tower._stages(), base.image_tower._stages()
+    for i, (a, b) in enumerate(zip(stages_init, stages_base, strict=True)):
+        same = all(
+            torch.equal(x, y)
+            for ma, mb in zip(a, b, strict=True)
+            for x, y in zip(ma.state_dict().values(), mb.state_dict().values(), strict=True)
+        )
+        assert same == (i < 2), f"stage {i}: frozen {i < 2}, unchanged {same}"
+    # the CNN has no stages (and no pretrained start to keep): it trains in full
+    report = pretrain(data, tmp_path / "cnn", PretrainConfig(**TINY), progress=False)
+    assert report["frozen_image_stages"] == 0 and PretrainConfig().frozen_image_stages > 0
+    with pytest.raises(ConfigError, match=">= 0"):
+        PretrainConfig(frozen_image_stages=-1)
 
 
 def test_ensure_base_model_builds_once_then_reuses(data, tmp_path):
