@@ -4,10 +4,13 @@
 each named service) and server reflection for those services; whether a token is needed
 to call them is the interceptor's business (common/rpc/auth.py). `bind` adds the listen
 port, plaintext or TLS, and turns a failure into a ConfigError naming the address.
+`wait_for_stop_signal` is how a daemon's main thread waits for SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Sequence
 
 import grpc
@@ -50,3 +53,24 @@ def bind(
     if not port:
         raise ConfigError(f"listen: cannot bind {address}: in use or not local?")
     return port
+
+
+def wait_for_stop_signal() -> str:
+    """Block until SIGTERM or SIGINT; return its name.
+
+    The main thread polls instead of waiting forever: the kernel may deliver the signal to
+    any thread (gRPC's, faiss's), and Python runs its handler only when the main thread next
+    runs bytecode, so a main thread blocked in a plain `Event.wait()` can miss a SIGTERM
+    for good (a node daemon was SIGKILLed after 15 s that way)."""
+    stop = threading.Event()
+    received: list[str] = []
+
+    def handler(signum: int, _frame) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    while not stop.wait(timeout=0.2):
+        pass
+    return received[0]

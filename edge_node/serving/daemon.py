@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
 import time
 from concurrent import futures
 from typing import TYPE_CHECKING
@@ -24,7 +22,7 @@ import grpc
 
 from common.errors import ConfigError
 from common.rpc.auth import RpcGuard, server_credentials
-from common.rpc.server import add_health_and_reflection, bind
+from common.rpc.server import add_health_and_reflection, bind, wait_for_stop_signal
 from edge_node.config import NodeConfig
 from protos import node_pb2_grpc
 
@@ -172,16 +170,6 @@ def serve(config: NodeConfig) -> int:
 
         faiss.omp_set_num_threads(config.faiss_threads)
     server, port, node = create_server(config)
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.info(
-            "received %s; shutting down (grace %.0fs)", signal.Signals(signum).name, config.grace_s
-        )
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     server.start()
     host = config.listen.rpartition(":")[0]
     log.info(
@@ -189,7 +177,8 @@ def serve(config: NodeConfig) -> int:
         config.node_id, host, port, node.active.version, len(node.gallery),
     )  # fmt: skip
     print(f"READY {host}:{port}", flush=True)  # a line supervisors and tests can wait for
-    stop.wait()
+    name = wait_for_stop_signal()
+    log.info("received %s; shutting down (grace %.0fs)", name, config.grace_s)
     shutdown(server, node, config.grace_s)
     log.info("node %s stopped cleanly", config.node_id)
     return 0

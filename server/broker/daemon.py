@@ -10,8 +10,6 @@ as INTERNAL without a stack trace. Auth, health and reflection are `common.rpc`'
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from concurrent import futures
 from typing import Any
 
@@ -21,7 +19,7 @@ from common.errors import ConfigError
 from common.rpc.auth import REFLECTION_PREFIX, RpcGuard, server_credentials
 from common.rpc.errors import translate_errors
 from common.rpc.query_id import is_valid_query_id
-from common.rpc.server import add_health_and_reflection, bind
+from common.rpc.server import add_health_and_reflection, bind, wait_for_stop_signal
 from protos import broker_pb2, broker_pb2_grpc
 from server.broker.broker import Broker, TextEncoder, logfmt, new_query_id
 from server.broker.config import BrokerConfig
@@ -185,17 +183,10 @@ def stop_server(server: grpc.Server, broker: Broker, grace: float | None = 1.0) 
 def serve(config: BrokerConfig) -> int:
     """Run until SIGTERM/SIGINT; finish in-flight queries before exiting."""
     server, port, broker = create_server(config)
-    stopping = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.info(logfmt("broker_stopping", signal=signal.Signals(signum).name))
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     print(
         f"broker listening on port {port} ({len(config.nodes)} nodes); Ctrl-C to stop", flush=True
     )
-    stopping.wait()
+    name = wait_for_stop_signal()
+    log.info(logfmt("broker_stopping", signal=name))
     stop_server(server, broker, grace=5.0)
     return 0

@@ -307,3 +307,30 @@ def test_bind_failure_is_a_config_error():
             bind(server, "256.0.0.1:0")
     finally:
         server.stop(None)
+
+
+STOP_SCRIPT = """
+import signal, sys, threading, time
+from common.rpc.server import wait_for_stop_signal
+
+def worker():  # like a gRPC or faiss thread, which the kernel may pick for the signal
+    time.sleep(0.3)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+    time.sleep(30)
+
+threading.Thread(target=worker, daemon=True).start()
+print(wait_for_stop_signal(), flush=True)
+"""
+
+
+def test_a_daemon_hears_sigterm_delivered_to_another_thread() -> None:
+    """A main thread blocked in a plain Event.wait() never ran the handler of a SIGTERM
+    that landed on a worker thread (a node daemon was SIGKILLed that way)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", STOP_SCRIPT], capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "SIGTERM"
