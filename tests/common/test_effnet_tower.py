@@ -81,7 +81,7 @@ def test_a_checkpoint_that_does_not_fit_fails_loudly(imagenet_state, tmp_path) -
 def test_presets_target_only_pointwise_convs() -> None:
     model = create_model("tiny-effnet")
     presets = model.lora_presets()
-    for preset in ("image-conv", "image-late", "image-head", "image-stem"):
+    for preset in ("image-conv", "image-mid", "image-late", "image-head", "image-stem"):
         pattern = resolve_targets(model, LoraSettings(targets=(preset,)))
         hit = [n for n, m in model.named_modules() if re.fullmatch(pattern, n)]
         assert hit and all(isinstance(model.get_submodule(n), torch.nn.Conv2d) for n in hit)
@@ -98,6 +98,8 @@ def test_presets_target_only_pointwise_convs() -> None:
         assert torch.allclose(merge_adapter(peft_model).encode_image(px), got, atol=1e-5)
     late = [n for n, _ in model.named_modules() if re.fullmatch(presets["image-late"], n)]
     assert len(late) == 2 * 5 + 1  # expand + project of blocks 11-15, and the head
+    mid = [n for n, _ in model.named_modules() if re.fullmatch(presets["image-mid"], n)]
+    assert len(mid) == 2 * 11 + 1  # expand + project of blocks 5-15, and the head
     every = [n for n, _ in model.named_modules() if re.fullmatch(presets["image-conv"], n)]
     assert len(every) == 15 + 16 + 1  # block 0 has no expand conv
 

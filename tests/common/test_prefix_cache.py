@@ -35,6 +35,8 @@ def _bank(model, records, *, cache: bool) -> ImageBank:
 def test_depth_follows_what_trains() -> None:
     late = _lora_model().get_base_model().image_tower
     assert late.frozen_depth() == 12  # stem + blocks 0-10; LoRA starts at block 11
+    mid = _lora_model("image-mid").get_base_model().image_tower
+    assert mid.frozen_depth() == 6  # stem + blocks 0-4: the stages pre-training keeps frozen
     conv = _lora_model("image-conv").get_base_model().image_tower
     assert conv.frozen_depth() == 1  # only the stem (block 0's project conv has LoRA)
     full = create_model("tiny-effnet").image_tower
